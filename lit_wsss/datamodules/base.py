@@ -1,0 +1,207 @@
+"""Datasets, collation and the base DataModule shared by VOC, COCO and the synthetic set (style.md P5).
+
+Batches are dicts (``Batch``): ``image`` (B, 3, H, W) normalised, ``labels`` (B, C) multi-hot float,
+``image_id`` list of str, ``size`` (B, 2) original (H, W) and, on evaluation splits, ``mask`` (B, H, W)
+int64 with 255 = ignore. Evaluation batches of several images are padded (image 0, mask 255).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
+from typing import Any, TypedDict
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lit_wsss.datamodules.transforms import IGNORE_INDEX
+
+
+class Batch(TypedDict, total=False):
+    image: Tensor
+    labels: Tensor
+    image_id: list[str]
+    size: Tensor
+    mask: Tensor
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 RGB image (grey images are expanded to 3 channels); a clear error for missing/corrupt files."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"cannot read image {path}: file missing or not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path, image_shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Segmentation ids of a palette/grey PNG, checked against the image size and the class range."""
+    try:
+        with Image.open(path) as png:
+            if png.mode not in ("P", "L"):
+                raise ValueError(f"mask {path} has PIL mode {png.mode!r}, expected a palette ('P') or grey ('L') PNG")
+            mask = np.array(png)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mask not found: {path}") from None
+    if mask.shape != image_shape:
+        raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                         f"{image_shape[1]}x{image_shape[0]} (width x height)")
+    bad = np.setdiff1d(np.unique(mask), [*range(num_classes + 1), IGNORE_INDEX])
+    if bad.size:
+        raise ValueError(f"mask {path} holds values {bad.tolist()}; expected 0..{num_classes} or {IGNORE_INDEX}")
+    return mask
+
+
+class SegmentationFolderDataset(Dataset):
+    """Images + image-level labels (+ masks) of a list of ids in a VOC-style folder.
+
+    Args:
+        image_paths: one image file per id.
+        labels: multi-hot float32 vector per id.
+        transform: albumentations pipeline ending in ``ToTensorV2``.
+        mask_paths: one PNG per id, or ``None`` for training splits.
+        num_classes: foreground classes (mask values are checked against it).
+    """
+
+    def __init__(
+        self,
+        image_ids: list[str],
+        image_paths: list[Path],
+        labels: dict[str, np.ndarray],
+        transform: A.Compose,
+        num_classes: int,
+        mask_paths: list[Path] | None = None,
+    ) -> None:
+        self.image_ids = image_ids
+        self.image_paths = image_paths
+        self.labels = labels
+        self.transform = transform
+        self.num_classes = num_classes
+        self.mask_paths = mask_paths
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_id = self.image_ids[index]
+        image = read_rgb(self.image_paths[index])
+        inputs = {"image": image}
+        if self.mask_paths is not None:
+            inputs["mask"] = read_mask(self.mask_paths[index], image.shape[:2], self.num_classes)
+        out = self.transform(**inputs)
+        sample = {
+            "image": out["image"],
+            "labels": torch.from_numpy(self.labels[image_id]),
+            "image_id": image_id,
+            "size": torch.tensor(out["image"].shape[-2:]),
+        }
+        if self.mask_paths is not None:
+            sample["mask"] = torch.as_tensor(out["mask"], dtype=torch.long)
+        return sample
+
+
+def pad_collate(samples: list[dict[str, Any]]) -> Batch:
+    """Stack samples, padding images with 0 (the mean colour after normalisation) and masks with 255."""
+    height = max(s["image"].shape[-2] for s in samples)
+    width = max(s["image"].shape[-1] for s in samples)
+    batch: dict[str, Any] = {
+        "image": torch.stack([_pad(s["image"], height, width, 0.0) for s in samples]),
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "image_id": [s["image_id"] for s in samples],
+        "size": torch.stack([s["size"] for s in samples]),
+    }
+    if "mask" in samples[0]:
+        batch["mask"] = torch.stack([_pad(s["mask"], height, width, IGNORE_INDEX) for s in samples])
+    return batch  # type: ignore[return-value]
+
+
+def _pad(tensor: Tensor, height: int, width: int, value: float) -> Tensor:
+    pad_h, pad_w = height - tensor.shape[-2], width - tensor.shape[-1]
+    if pad_h == 0 and pad_w == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, pad_w, 0, pad_h), value=value)
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """Give every loader worker (and rank) its own augmentation stream, reproducibly.
+
+    albumentations' ``Compose`` keeps a private generator that ignores global seeds and is copied into
+    every worker, which would make all workers draw identical augmentations.
+    """
+    seed = (torch.initial_seed() + 7919 * rank) % 2**32  # torch seeds workers with base_seed + worker_id
+    random.seed(seed)
+    np.random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
+class WSSSDataModule(pl.LightningDataModule):
+    """Base of every data set: loaders, batch sizes, worker seeding and the protocol record.
+
+    Subclasses set ``num_classes`` and ``class_names`` in ``__init__`` and build ``train_dataset``,
+    ``val_dataset`` and ``predict_dataset`` in ``setup``.
+
+    Args:
+        batch_size: training images per process; the effective batch is
+            ``batch_size x devices x num_nodes x accumulate_grad_batches``.
+        val_batch_size: evaluation images per process (variable sizes are padded).
+        num_workers: loader workers per process.
+    """
+
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def __init__(self, batch_size: int = 16, val_batch_size: int = 1, num_workers: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.train_dataset: SegmentationFolderDataset | None = None
+        self.val_dataset: SegmentationFolderDataset | None = None
+        self.predict_dataset: SegmentationFolderDataset | None = None
+
+    @property
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _loader(self, dataset: Dataset | None, stage: str, **kwargs: Any) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: no {stage} dataset; was setup() called for this stage?")
+        transform = getattr(dataset, "transform", None)
+        if self.num_workers == 0 and hasattr(transform, "set_random_seed"):
+            transform.set_random_seed((torch.initial_seed() + 7919 * self._rank) % 2**32)
+        return DataLoader(
+            dataset,
+            num_workers=self.num_workers,
+            collate_fn=pad_collate,
+            worker_init_fn=functools.partial(seed_worker, rank=self._rank),
+            persistent_workers=False,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # IRN drops the last incomplete batch (its max_step = len(dataset) // batch * epochs).
+        return self._loader(self.train_dataset, "train", batch_size=self.batch_size, shuffle=True, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        # Never drop or repeat evaluation images: under DDP every image is scored exactly once.
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = UnrepeatedDistributedSampler(self.val_dataset, shuffle=False)
+        return self._loader(self.val_dataset, "val", batch_size=self.val_batch_size, sampler=sampler)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, "predict", batch_size=self.val_batch_size)
+
+    def protocol(self) -> dict[str, Any]:
+        """Data-side facts a result depends on (extended by subclasses)."""
+        return {"datamodule": type(self).__name__, "num_classes": self.num_classes, "batch_size": self.batch_size}

@@ -1,0 +1,139 @@
+"""PASCAL VOC 2012 for WSSS (../shared/methods/protocol.md §1-§2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
+from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
+from lit_wsss.datamodules.transforms import build_train_transform, inference
+
+
+def resolve_list(root: Path, name: str) -> Path:
+    """A split list given as a path, or as a name looked up in ``ImageSets/Segmentation`` and the root."""
+    candidates = [Path(name), root / "ImageSets" / "Segmentation" / f"{name}.txt", root / f"{name}.txt", root / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"split list {name!r} not found; looked for " + ", ".join(map(str, candidates)))
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Image ids of a split list: IRN style (one id per line) or SIPE/CPN style
+    (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``), where the id is the first token's stem."""
+    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"split list {path} is empty")
+    return ids
+
+
+class VOCDataModule(WSSSDataModule):
+    """PASCAL VOC 2012 in the devkit layout (``<root>/JPEGImages``, ``<root>/SegmentationClass[Aug]``).
+
+    Args:
+        root: ``VOCdevkit/VOC2012`` (or any folder with that layout, e.g. ``../shared/data/voc12-mini``).
+        train_list: training split: a list file, or a name resolved in ``<root>/ImageSets/Segmentation``
+            then ``<root>``. IRN trains on ``train_aug`` (10582 ids; not part of the devkit, pass the file).
+        val_list: split scored during training; CAM quality is reported on ``train`` (1464), protocol.md §1.2.
+        predict_list: split exported by ``lit-wsss predict``; defaults to ``val_list``.
+        cls_labels: image-level labels: official ``cls_labels.npy`` (int or str keys) or a lit_wsss ``.npz``;
+            default ``<root>/cls_labels.npy``.
+        mask_dir: ground-truth folder under ``root``: ``SegmentationClass`` (what IRN/SIPE/CPN evaluate
+            against), ``SegmentationClassAug``, or ``auto`` (the first that exists, in that order).
+        crop_size: training crop (IRN 512).
+        resize_long: range of the random long side before cropping (IRN 320..640).
+        train_transform: named training pipeline (``lit_wsss.datamodules.transforms``).
+        batch_size, val_batch_size, num_workers: see :class:`WSSSDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_list: str = "train_aug",
+        val_list: str = "train",
+        predict_list: str | None = None,
+        cls_labels: str | None = None,
+        mask_dir: str = "SegmentationClass",
+        crop_size: int = 512,
+        resize_long: tuple[int, int] = (320, 640),
+        train_transform: str = "irn_cls",
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.num_classes = len(self.class_names)
+        self._labels: dict | None = None
+
+    class_names = VOC_CLASSES
+
+    @property
+    def cls_labels_path(self) -> Path:
+        return Path(self.hparams.cls_labels) if self.hparams.cls_labels else self.root / "cls_labels.npy"
+
+    def mask_folder(self) -> Path:
+        """The ground-truth folder actually used (resolving ``auto``)."""
+        name = self.hparams.mask_dir
+        if name == "auto":
+            for candidate in ("SegmentationClass", "SegmentationClassAug"):
+                if (self.root / candidate).is_dir():
+                    return self.root / candidate
+            raise FileNotFoundError(f"no SegmentationClass or SegmentationClassAug folder under {self.root}")
+        folder = self.root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(f"mask folder not found: {folder} (data.mask_dir={name!r})")
+        return folder
+
+    def _dataset(self, list_name: str, with_masks: bool, train: bool) -> SegmentationFolderDataset:
+        list_path = resolve_list(self.root, list_name)
+        ids = read_id_list(list_path)
+        if self._labels is None:
+            self._labels = load_cls_labels(self.cls_labels_path, self.num_classes)
+        missing = [i for i in ids if i not in self._labels]
+        if missing:
+            raise KeyError(f"{len(missing)} ids of {list_path} have no label in {self.cls_labels_path}, "
+                           f"e.g. {missing[:5]}")
+        images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
+        absent = [p for p in images if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{len(absent)} images of {list_path} are missing, e.g. {[str(p) for p in absent[:3]]}")
+        hp = self.hparams
+        transform = build_train_transform(hp.train_transform, hp.crop_size, hp.resize_long) if train else inference()
+        masks = None
+        if with_masks:
+            folder = self.mask_folder()
+            masks = [folder / f"{i}.png" for i in ids]
+        return SegmentationFolderDataset(ids, images, self._labels, transform, self.num_classes, masks)
+
+    def setup(self, stage: str) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"VOC root not found: {self.root} (data.root)")
+        if stage == "fit":
+            self.train_dataset = self._dataset(self.hparams.train_list, with_masks=False, train=True)
+        if stage in ("fit", "validate"):
+            self.val_dataset = self._dataset(self.hparams.val_list, with_masks=True, train=False)
+        if stage == "test":
+            raise ValueError("VOC test masks are not public; use `validate` with data.val_list")
+        if stage == "predict":
+            self.predict_dataset = self._dataset(
+                self.hparams.predict_list or self.hparams.val_list, with_masks=False, train=False
+            )
+
+    def protocol(self) -> dict[str, Any]:
+        hp = self.hparams
+        record = super().protocol()
+        record.update(
+            root=str(self.root),
+            train_list=hp.train_list,
+            val_list=hp.val_list,
+            predict_list=hp.predict_list or hp.val_list,
+            cls_labels=str(self.cls_labels_path),
+            ground_truth=hp.mask_dir,
+            crop_size=hp.crop_size,
+            resize_long=list(hp.resize_long),
+            train_transform=hp.train_transform,
+        )
+        return record

@@ -1,0 +1,7 @@
+"""Methods as LightningModules: a shared base, the CAM-head mixin, one file per paper."""
+
+from lit_wsss.modules.base import WSSSModule
+from lit_wsss.modules.cam import CAM
+from lit_wsss.modules.cam_head import CAMHeadMixin
+
+__all__ = ["CAM", "CAMHeadMixin", "WSSSModule"]
