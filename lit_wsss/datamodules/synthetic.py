@@ -7,8 +7,8 @@ The generator writes real VOC-format files, so the real loading code (:mod:`lit_
     <root>/SegmentationClass/<id>.png        palette PNG (VOC colour map): 0 background, 1..C classes,
                                              255 a 2 px void band around every object boundary
     <root>/ImageSets/Segmentation/{train,val}.txt
-    <root>/cls_labels.npy                    IRN format: np.save of {np.int32 key: float32 (C,) multi-hot}, with
-                                             key = int(id.replace("_", "")), exactly as IRN's own file
+    <root>/cls_labels.npy                    IRN format: np.save of {np.int32 key: float32 (C,) multi-hot},
+                                             key = int(id.replace("_", "")), as in IRN's own file
     <root>/synthetic.json                    parameters, per-image records, and "complete": true
 
 Ids look like VOC ids (``2000_000000``, ``2000_000001``, ...), so the int key round-trips; the year 2000 does
@@ -62,6 +62,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from lit_wsss.datamodules.labels import VOC_CLASSES
+from lit_wsss.datamodules.voc import VOCDataModule
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: concurrent calls are then not serialised
@@ -69,10 +72,7 @@ except ImportError:  # pragma: no cover - not POSIX: concurrent calls are then n
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_CLASS_NAMES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
+SYNTHETIC_CLASS_NAMES: tuple[str, ...] = VOC_CLASSES
 """VOC class order: the first ``num_classes`` names are used, so class ids match VOC's colour map."""
 
 GENERATOR_VERSION = 1  # bump when the drawing changes: older folders then count as "different parameters"
@@ -156,7 +156,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cells: int) 
     """Zero-mean, unit-std noise that varies over about ``cells`` cells along the long side."""
     h, w = shape
     gh, gw = max(2, round(cells * h / max(h, w))), max(2, round(cells * w / max(h, w)))
-    field = cv2.resize(rng.standard_normal((gh, gw)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    grid = rng.standard_normal((gh, gw)).astype(np.float32)
+    field = cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC)
     return (field - field.mean()) / (field.std() + 1e-6)
 
 
@@ -214,7 +215,8 @@ def _body_texture(rng: np.random.Generator, shape: tuple[int, int]) -> tuple[np.
     if kind == "stripes":
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
         angle, period = rng.uniform(0, np.pi), rng.uniform(5, 12)
-        field = rng.uniform(0.12, 0.25) * np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
+        phase = 2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period
+        field = rng.uniform(0.12, 0.25) * np.sin(phase)
     elif kind == "spots":
         spots = np.zeros(shape, np.float32)
         for _ in range(max(3, h * w // 60)):
@@ -237,11 +239,11 @@ def _make_object(rng: np.random.Generator, cls: int, size: float, bg_colour: np.
     body = _fill(canvas, body_pts + pad)
     anchor = body_pts[rng.integers(len(body_pts))] + pad  # part centred on the body's edge
     unit = _unit_polygon(part_shape)
-    part_area = ratio * body.sum()
+    part_area = max(ratio * body.sum(), 9.0)  # at least about 3 x 3 px, even on a tiny body
     for _ in range(3):  # measured ratio -> rescale: the part overlaps the body by about half
         part = _fill(canvas, unit * math.sqrt(part_area) + anchor)
         measured = part.sum() / max(1, (body | part).sum())
-        part_area *= ratio / max(measured, 1e-3)
+        part_area = max(part_area * ratio / max(measured, 1e-3), 9.0)
     obj = body | part
     ys, xs = np.nonzero(obj)
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
@@ -279,9 +281,18 @@ def _place(rng: np.random.Generator, obj: np.ndarray, occupied: np.ndarray) -> t
 
 
 def _render(
-    rng: np.random.Generator, h: int, w: int, classes: list[int], context: int | None, p_ctx: float, p_no: float
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    classes: list[int],
+    context: int | None,
+    p_ctx: float,
+    p_no: float,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One image: RGB uint8, mask uint8 and its record (the classes actually placed, water, objects)."""
+    """One image: RGB uint8, mask uint8 and its record (the classes actually placed, water, objects).
+
+    Water is drawn with probability ``p_ctx`` if the context class was placed, else ``p_no``.
+    """
     img = _background(rng, h, w)
     bg_colour = img.reshape(-1, 3).mean(0)
     mask = np.zeros((h, w), np.uint8)
@@ -311,7 +322,8 @@ def _render(
         record = item["record"]
         record["bbox"] = [x, y, x + item["obj"].shape[1], y + item["obj"].shape[0]]
         py, px = np.nonzero(item["part"])
-        record["part_bbox"] = [x + int(px.min()), y + int(py.min()), x + int(px.max()) + 1, y + int(py.max()) + 1]
+        px0, py0, px1, py1 = int(px.min()), int(py.min()), int(px.max()) + 1, int(py.max()) + 1
+        record["part_bbox"] = [x + px0, y + py0, x + px1, y + py1]
         placed.append(item)
 
     present = sorted({item["record"]["class"] - 1 for item in placed})
@@ -364,7 +376,7 @@ def _read_meta(root: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise FileExistsError(f"{root}: {META_FILE} is unreadable ({err}); delete the folder to regenerate") from err
+        raise FileExistsError(f"{root}: {META_FILE} is unreadable ({err}); delete the folder") from err
     return meta if isinstance(meta, dict) else {}
 
 
@@ -376,12 +388,12 @@ def _check_foreign(root: Path) -> None:
     for entry in root.iterdir():
         if entry.name in ours or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
             continue
-        raise FileExistsError(f"{root}: not empty and not a synthetic data set ({entry.name!r}); refusing to write")
-    for sub in ("JPEGImages", "SegmentationClass"):
-        if (root / sub).is_dir():
-            for entry in (root / sub).iterdir():
-                if not entry.name.startswith((ID_PREFIX, ".")):
-                    raise FileExistsError(f"{root / sub}: holds {entry.name!r}, not a synthetic image; refusing to write")
+        raise FileExistsError(f"{root}: not empty and not a synthetic data set ({entry.name!r}); not writing")
+    for folder in (root / "JPEGImages", root / "SegmentationClass"):
+        names = [e.name for e in folder.iterdir()] if folder.is_dir() else []
+        foreign = [n for n in names if not n.startswith((ID_PREFIX, "."))]
+        if foreign:
+            raise FileExistsError(f"{folder}: holds {foreign[0]!r}, not a synthetic image; not writing")
 
 
 @contextlib.contextmanager
@@ -403,7 +415,8 @@ def _is_complete(root: Path, meta: dict[str, Any]) -> bool:
     seg = root / "ImageSets" / "Segmentation"
     files = [root / "cls_labels.npy", seg / "train.txt", seg / "val.txt"]
     for record in meta.get("images", []):
-        files += [root / "JPEGImages" / f"{record['id']}.jpg", root / "SegmentationClass" / f"{record['id']}.png"]
+        image_id = record["id"]
+        files += [root / "JPEGImages" / f"{image_id}.jpg", root / "SegmentationClass" / f"{image_id}.png"]
     return all(f.is_file() for f in files)
 
 
@@ -448,9 +461,16 @@ def generate_synthetic_voc(
         raise ValueError(f"context_class must be None or in 0..{num_classes - 1}, got {context_class}")
     if not 0.0 <= context_prob <= 1.0:
         raise ValueError(f"context_prob must be in [0, 1], got {context_prob}")
-    params = {"generator_version": GENERATOR_VERSION, "num_classes": int(num_classes), "num_train": int(num_train),
-              "num_val": int(num_val), "image_size": [lo, hi], "context_class": context_class,
-              "context_prob": float(context_prob), "seed": int(seed)}  # fmt: skip
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "num_classes": int(num_classes),
+        "num_train": int(num_train),
+        "num_val": int(num_val),
+        "image_size": [lo, hi],
+        "context_class": None if context_class is None else int(context_class),
+        "context_prob": float(context_prob),
+        "seed": int(seed),
+    }
 
     root = Path(root)
     meta = _read_meta(root)
@@ -475,8 +495,11 @@ def generate_synthetic_voc(
 def _differ_message(root: Path, old: Any, new: dict[str, Any]) -> str:
     keys = sorted(k for k in new if not isinstance(old, dict) or old.get(k) != new[k])
     found = {k: old.get(k) for k in keys} if isinstance(old, dict) else old
-    return (f"{root}: holds a synthetic data set generated with different parameters "
-            f"(found {found}, requested { {k: new[k] for k in keys} }); delete it or choose another folder")  # fmt: skip
+    wanted = {k: new[k] for k in keys}
+    return (
+        f"{root}: holds a synthetic data set generated with different parameters "
+        f"(found {found}, requested {wanted}); delete it or choose another folder"
+    )
 
 
 def _generate(root: Path, params: dict[str, Any]) -> None:
@@ -492,7 +515,8 @@ def _generate(root: Path, params: dict[str, Any]) -> None:
         main = np.concatenate([rng.permutation(C) for _ in range(-(-n // C))])[:n]
         second = rng.random(n) < TWO_OBJECT_PROB
         other = (main + rng.integers(1, max(C, 2), n)) % C
-        plan += [(split, [int(m)] + ([int(o)] if s and C > 1 else [])) for m, s, o in zip(main, second, other)]
+        for m, s, o in zip(main, second, other):
+            plan.append((split, [int(m), int(o)] if s and C > 1 else [int(m)]))
 
     dirs = [root / "JPEGImages", root / "SegmentationClass", root / "ImageSets" / "Segmentation"]
     for folder in dirs:
@@ -544,4 +568,58 @@ def _generate(root: Path, params: dict[str, Any]) -> None:
             "part_looks": {SYNTHETIC_CLASS_NAMES[c]: " ".join(part_look(c)) for c in range(C)},
             "summary": summary, "images": records, "complete": True}  # fmt: skip
     _write_atomic(root / META_FILE, _json_bytes(meta))
-    log.info("synthetic VOC: %d images written to %s in %.1f s", len(records), root, time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    log.info("synthetic VOC: %d images written to %s in %.1f s", len(records), root, elapsed)
+
+
+class SyntheticVOCDataModule(VOCDataModule):
+    """The built-in data set: :func:`generate_synthetic_voc` output, read by the real VOC code path.
+
+    ``prepare_data`` (one process per node) writes the set under ``root`` if it is not complete there;
+    ``train`` / ``val`` lists, ``cls_labels.npy`` and ``SegmentationClass`` are then read exactly like VOC.
+
+    Args:
+        root: where the set is written (reused when complete with the same parameters).
+        num_classes, num_train, num_val, image_size, context_class, context_prob, generator_seed:
+            generator parameters (see :func:`generate_synthetic_voc`).
+        crop_size, resize_long, train_transform, batch_size, val_batch_size, num_workers:
+            see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/synthetic",
+        num_classes: int = 4,
+        num_train: int = 240,
+        num_val: int = 48,
+        image_size: tuple[int, int] = (96, 160),
+        context_class: int | None = 3,
+        context_prob: float = 0.9,
+        generator_seed: int = 0,
+        crop_size: int = 128,
+        resize_long: tuple[int, int] = (96, 160),
+        train_transform: str = "irn_cls",
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__(
+            root=root, train_list="train", val_list="val", mask_dir="SegmentationClass", crop_size=crop_size,
+            resize_long=resize_long, train_transform=train_transform, batch_size=batch_size,
+            val_batch_size=val_batch_size, num_workers=num_workers,
+        )
+        self.class_names = SYNTHETIC_CLASS_NAMES[:num_classes]
+        self.num_classes = num_classes
+        self.generator_args: dict[str, Any] = {
+            "num_classes": num_classes, "num_train": num_train, "num_val": num_val,
+            "image_size": tuple(image_size), "context_class": context_class, "context_prob": context_prob,
+            "seed": generator_seed,
+        }
+
+    def prepare_data(self) -> None:
+        generate_synthetic_voc(self.root, **self.generator_args)
+
+    def protocol(self) -> dict[str, Any]:
+        record = super().protocol()
+        record["synthetic"] = {**self.generator_args, "image_size": list(self.generator_args["image_size"])}
+        return record

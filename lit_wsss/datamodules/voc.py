@@ -64,19 +64,24 @@ class VOCDataModule(WSSSDataModule):
     ) -> None:
         super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
         self.save_hyperparameters()
+        # Read from attributes, not self.hparams: under LightningCLI a subclass's hparams hold only its own
+        # config keys (e.g. SyntheticVOCDataModule sets the lists itself).
         self.root = Path(root)
-        self.num_classes = len(self.class_names)
+        self.train_list = train_list
+        self.val_list = val_list
+        self.predict_list = predict_list or val_list
+        self.cls_labels_path = Path(cls_labels) if cls_labels else self.root / "cls_labels.npy"
+        self.mask_dir = mask_dir
+        self.crop_size = crop_size
+        self.resize_long = tuple(resize_long)
+        self.train_transform = train_transform
+        self.class_names = VOC_CLASSES
+        self.num_classes = len(VOC_CLASSES)
         self._labels: dict | None = None
-
-    class_names = VOC_CLASSES
-
-    @property
-    def cls_labels_path(self) -> Path:
-        return Path(self.hparams.cls_labels) if self.hparams.cls_labels else self.root / "cls_labels.npy"
 
     def mask_folder(self) -> Path:
         """The ground-truth folder actually used (resolving ``auto``)."""
-        name = self.hparams.mask_dir
+        name = self.mask_dir
         if name == "auto":
             for candidate in ("SegmentationClass", "SegmentationClassAug"):
                 if (self.root / candidate).is_dir():
@@ -100,8 +105,9 @@ class VOCDataModule(WSSSDataModule):
         absent = [p for p in images if not p.is_file()]
         if absent:
             raise FileNotFoundError(f"{len(absent)} images of {list_path} are missing, e.g. {[str(p) for p in absent[:3]]}")
-        hp = self.hparams
-        transform = build_train_transform(hp.train_transform, hp.crop_size, hp.resize_long) if train else inference()
+        transform = (
+            build_train_transform(self.train_transform, self.crop_size, self.resize_long) if train else inference()
+        )
         masks = None
         if with_masks:
             folder = self.mask_folder()
@@ -112,28 +118,25 @@ class VOCDataModule(WSSSDataModule):
         if not self.root.is_dir():
             raise FileNotFoundError(f"VOC root not found: {self.root} (data.root)")
         if stage == "fit":
-            self.train_dataset = self._dataset(self.hparams.train_list, with_masks=False, train=True)
+            self.train_dataset = self._dataset(self.train_list, with_masks=False, train=True)
         if stage in ("fit", "validate"):
-            self.val_dataset = self._dataset(self.hparams.val_list, with_masks=True, train=False)
+            self.val_dataset = self._dataset(self.val_list, with_masks=True, train=False)
         if stage == "test":
             raise ValueError("VOC test masks are not public; use `validate` with data.val_list")
         if stage == "predict":
-            self.predict_dataset = self._dataset(
-                self.hparams.predict_list or self.hparams.val_list, with_masks=False, train=False
-            )
+            self.predict_dataset = self._dataset(self.predict_list, with_masks=False, train=False)
 
     def protocol(self) -> dict[str, Any]:
-        hp = self.hparams
         record = super().protocol()
         record.update(
             root=str(self.root),
-            train_list=hp.train_list,
-            val_list=hp.val_list,
-            predict_list=hp.predict_list or hp.val_list,
+            train_list=self.train_list,
+            val_list=self.val_list,
+            predict_list=self.predict_list,
             cls_labels=str(self.cls_labels_path),
-            ground_truth=hp.mask_dir,
-            crop_size=hp.crop_size,
-            resize_long=list(hp.resize_long),
-            train_transform=hp.train_transform,
+            ground_truth=self.mask_dir,
+            crop_size=self.crop_size,
+            resize_long=list(self.resize_long),
+            train_transform=self.train_transform,
         )
         return record

@@ -1,0 +1,41 @@
+# lit_wsss: every target only builds a command line; the work is done by `lit-wsss` (lit_wsss/cli.py).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+METHOD ?= cam
+DATA   ?= voc
+ARGS   ?=
+CFG    := --config experiments/$(DATA)/_base.yaml --config experiments/$(DATA)/$(METHOD).yaml
+
+# Offline-safe defaults (../shared/stack.md, "Pitfalls").
+export NO_ALBUMENTATIONS_UPDATE := 1
+export JSONARGPARSE_DEPRECATION_WARNINGS := off
+export WANDB_SILENT := true
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-all train validate
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed  ## virtual environment with lit_wsss (editable), test and EfficientNet extras
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[test,effnet]"
+	touch $@
+
+demo: install  ## train baseline CAM on the built-in synthetic set (CPU, minutes) and compare with trivial baselines
+	$(BIN)/python -m lit_wsss.demo $(ARGS)
+
+test: install  ## the test suite without slow and GPU tests (what CI runs)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(ARGS)
+
+test-all: install  ## every test, slow ones included
+	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
+
+train: install  ## make train METHOD=cam DATA=voc ARGS="--data.init_args.root ... --trainer.devices 4"
+	$(BIN)/lit-wsss fit $(CFG) $(ARGS)
+
+validate: install  ## make validate METHOD=cam DATA=voc ARGS="--ckpt_path ... --data.init_args.root ..."
+	$(BIN)/lit-wsss validate $(CFG) $(ARGS)

@@ -1,0 +1,60 @@
+"""DDP: validation mIoU reduces confusion matrices across ranks (style.md P6; ../shared/stack.md §3b).
+
+Runs 2 CPU processes with ``ddp_spawn`` (``ddp`` would re-run pytest itself in the second rank).
+"""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lit_wsss.cams import cams_to_mask
+from lit_wsss.datamodules import SyntheticVOCDataModule
+from lit_wsss.metrics import miou_from_confusion
+from lit_wsss.modules import CAM
+
+NUM_CLASSES = 3
+
+
+def make_datamodule(root):
+    # 5 validation images: an odd count, so 2 ranks get 3 + 2 and nothing may be padded or repeated
+    return SyntheticVOCDataModule(
+        root=str(root), num_classes=NUM_CLASSES, num_train=4, num_val=5, image_size=(64, 80), context_class=0, generator_seed=1,
+        num_workers=0,
+    )
+
+
+def trainer(devices: int) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+    )
+
+
+def reference_miou(model, datamodule) -> float:
+    """Straightforward single-process evaluation: one confusion matrix over all images."""
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    confusion = torch.zeros(NUM_CLASSES + 1, NUM_CLASSES + 1, dtype=torch.long)
+    model.eval()
+    for sample in datamodule.val_dataset:
+        record = model.infer_cams(sample["image"], sample["labels"])
+        prediction = cams_to_mask(record["high_res"], record["keys"], model.hparams.cam_bg_threshold)
+        valid = sample["mask"] != 255
+        confusion += torch.bincount(
+            sample["mask"][valid] * (NUM_CLASSES + 1) + prediction[valid], minlength=(NUM_CLASSES + 1) ** 2
+        ).view(NUM_CLASSES + 1, NUM_CLASSES + 1)
+    return miou_from_confusion(confusion).item()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_two_process_validation_equals_one_process(tmp_path):
+    torch.manual_seed(0)
+    model = CAM(num_classes=NUM_CLASSES, backbone="resnet18", pretrained=None, cam_scales=(1.0, 0.5),
+                cam_bg_threshold=0.5)
+    datamodule = make_datamodule(tmp_path / "synthetic")
+    expected = reference_miou(model, make_datamodule(tmp_path / "synthetic"))
+    single = trainer(1).validate(model, datamodule)[0]["val/mIoU"]
+    double = trainer(2).validate(model, make_datamodule(tmp_path / "synthetic"))[0]["val/mIoU"]
+    assert 0 < expected < 1
+    assert single == pytest.approx(expected, abs=1e-6)
+    assert double == pytest.approx(expected, abs=1e-6)
