@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_wsss.cli import main
 
@@ -65,3 +66,25 @@ def test_bad_config_key_is_reported(capsys):
         main(["fit", *config_args("voc", "cam.yaml"), "--model.init_args.no_such_option", "1"])
     assert exit_info.value.code != 0
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_synthetic_fit_writes_a_checkpoint_with_its_protocol(tmp_path):
+    """The built-in data path end to end: generate, train 2 steps, validate, checkpoint with protocol."""
+    main([
+        "fit", *config_args("synth", "cam.yaml"),
+        f"--data.init_args.root={tmp_path / 'synthetic'}",
+        "--data.init_args.num_train=8", "--data.init_args.num_val=2", "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
+        "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",
+        "--trainer.max_steps=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ])
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
+    protocol = checkpoint["protocol"]
+    assert protocol["method"] == "CAM" and protocol["backbone_weights"] == "random-init"
+    assert protocol["world_size"] == 1 and protocol["effective_batch_size"] == 4 and protocol["seed"] == 0
+    assert protocol["data"]["val_list"] == "val" and protocol["data"]["ground_truth"] == "SegmentationClass"
+    assert protocol["cam"]["scales"] == [1.0, 0.5, 1.5, 2.0] and protocol["cam"]["threshold_chosen"] == "fixed"
+    assert protocol["optimizer"]["effective_momentum"] == 1e-4
+    assert 0 <= checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "ModelCheckpoint" in k)][
+        "best_model_score"] <= 1

@@ -67,6 +67,21 @@ class CAMHeadMixin:
         keys = torch.nonzero(labels > 0.5).flatten()
         return multiscale_cams(lambda x: self.cams(self.features(x)), image, keys, self.hparams.cam_scales)
 
+    def protocol(self) -> dict[str, Any]:
+        """The base record plus how CAMs are inferred and scored."""
+        record = super().protocol()  # type: ignore[misc]
+        record["cam"] = {
+            "scales": list(self.hparams.cam_scales),
+            "flip": True,
+            "normalisation": "per-class max + 1e-5",
+            "resolution": "original image size (high_res); ceil(H/4) x ceil(W/4) (strided)",
+            "bg_threshold": self.hparams.cam_bg_threshold,
+            "threshold_chosen": "fixed",
+            "crf": False,
+            "image_labels": "ground truth",
+        }
+        return record
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """CAM mIoU at the constant background threshold, from the ground-truth image labels (protocol.md §5)."""
         for image, labels, mask, (height, width) in zip(
