@@ -78,3 +78,20 @@ def test_cams_to_mask_background_plane_and_key_mapping():
     # ties go to the first channel (background first, then the lower key index), like numpy argmax
     assert mask.tolist() == [[7, 0], [15, 7]]
     assert (cams_to_mask(high_res, keys, bg_threshold=1.0) == 0).all()  # tau above every CAM value
+
+
+def test_predict_step_crops_padding_and_keeps_label_channels():
+    from lit_wsss.modules import CAM
+
+    model = CAM(num_classes=4, backbone="resnet18", pretrained=None, cam_scales=(1.0,)).eval()
+    batch = {
+        "image": torch.randn(2, 3, 40, 48),
+        "labels": torch.tensor([[0.0, 1, 0, 1], [1.0, 0, 0, 0]]),
+        "image_id": ["2000_000001", "2000_000002"],
+        "size": torch.tensor([[40, 48], [33, 21]]),  # the second image was padded by the collate
+    }
+    first, second = model.predict_step(batch, 0)
+    assert first["image_id"] == "2000_000001" and first["keys"].tolist() == [1, 3]
+    assert first["high_res"].shape == (2, 40, 48) and first["cam"].shape == (2, 10, 12)
+    assert second["keys"].tolist() == [0] and second["high_res"].shape == (1, 33, 21)
+    assert second["cam"].shape == (1, 9, 6)

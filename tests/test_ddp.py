@@ -58,3 +58,22 @@ def test_two_process_validation_equals_one_process(tmp_path):
     assert 0 < expected < 1
     assert single == pytest.approx(expected, abs=1e-6)
     assert double == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_two_process_training_has_no_unused_parameters_and_keeps_frozen_levels(tmp_path):
+    """find_unused_parameters stays off: frozen levels must be out of DDP's sight, not merely gradient-free."""
+    torch.manual_seed(0)
+    model = CAM(num_classes=NUM_CLASSES, backbone="resnet18", pretrained=None, cam_scales=(1.0,))
+    frozen_before = model.backbone.layer2[0].conv1.weight.detach().clone()
+    trained_before = model.backbone.layer4[0].conv1.weight.detach().clone()
+    datamodule = make_datamodule(tmp_path / "synthetic")
+    datamodule.batch_size = 2
+    run = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=1, logger=False,
+        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+    )
+    run.fit(model, datamodule)
+    # ddp_spawn copies the trained weights back into this process's model
+    assert torch.equal(model.backbone.layer2[0].conv1.weight, frozen_before)
+    assert not torch.equal(model.backbone.layer4[0].conv1.weight, trained_before)

@@ -67,6 +67,15 @@ class CAMHeadMixin:
         keys = torch.nonzero(labels > 0.5).flatten()
         return multiscale_cams(lambda x: self.cams(self.features(x)), image, keys, self.hparams.cam_scales)
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """CAM records (``image_id``, ``keys``, ``cam``, ``high_res``) of the labelled classes, one per image."""
+        records = []
+        for image, labels, image_id, (height, width) in zip(
+            batch["image"], batch["labels"], batch["image_id"], batch["size"].tolist()
+        ):
+            records.append({"image_id": image_id, **self.infer_cams(image[:, :height, :width], labels)})
+        return records
+
     def protocol(self) -> dict[str, Any]:
         """The base record plus how CAMs are inferred and scored."""
         record = super().protocol()  # type: ignore[misc]
