@@ -89,6 +89,18 @@ class SegmentationFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def select(self, keep: set[str]) -> SegmentationFolderDataset:
+        """The same dataset restricted to the ids in ``keep`` (list order preserved)."""
+        index = [i for i, image_id in enumerate(self.image_ids) if image_id in keep]
+        return SegmentationFolderDataset(
+            [self.image_ids[i] for i in index],
+            [self.image_paths[i] for i in index],
+            self.labels,
+            self.transform,
+            self.num_classes,
+            None if self.mask_paths is None else [self.mask_paths[i] for i in index],
+        )
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.image_ids[index]
         image = read_rgb(self.image_paths[index])

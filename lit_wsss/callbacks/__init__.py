@@ -1,0 +1,5 @@
+"""Callbacks: CAM writer (predict), W&B media and tables."""
+
+from lit_wsss.callbacks.cam_writer import CAMWriter
+
+__all__ = ["CAMWriter"]

@@ -1,0 +1,175 @@
+"""``CAMWriter``: one ``<image_id>.npz`` of CAMs per image, written by ``lit-wsss predict`` (style.md P7).
+
+File format (../shared/methods/protocol.md §12): ``keys`` int64 (K,) 0-based foreground class indices,
+``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods that
+predict their own background, ``bg`` float32 (H, W). Read with ``np.load(path, allow_pickle=False)``.
+
+Guarantees:
+* each file appears atomically (temporary name, then rename) and is byte-reproducible;
+* a rerun skips the ids whose file exists and finishes an interrupted run; leftover temporary files of a
+  killed run are removed first;
+* under DDP, predict's unrepeated sampler gives every id to exactly one rank; every rank records what it
+  wrote in ``_shard_<rank>.json`` and rank 0 merges them into ``manifest.json``, failing if an id was
+  written twice or is missing;
+* ``run.json`` pins the producer (method, checkpoint, hyperparameters): a rerun with another producer into
+  the same folder is refused instead of mixing CAMs of two models;
+* nothing is kept in memory (run predict with ``return_predictions: false``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from lit_wsss.io import TMP_SUFFIX, npz_shapes, save_npz_atomic, write_json_atomic
+
+CAM_ARRAYS = ("keys", "high_res", "cam", "bg")
+MANIFEST = "manifest.json"
+RUN_FILE = "run.json"
+
+
+class CAMWriter(BasePredictionWriter):
+    """Write the records returned by a CAM method's ``predict_step`` to ``out_dir``.
+
+    Args:
+        out_dir: folder of ``<image_id>.npz`` files, ``manifest.json`` and ``run.json``.
+        overwrite: recompute every id (files of an earlier producer are replaced) instead of resuming.
+    """
+
+    def __init__(self, out_dir: str, overwrite: bool = False) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = Path(out_dir)
+        self.overwrite = overwrite
+        self._written: dict[str, list[int]] = {}
+        self._all_ids: list[str] = []
+
+    # --- before predicting: resume, producer check ---------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "predict":
+            return
+        datamodule = trainer.datamodule
+        dataset = getattr(datamodule, "predict_dataset", None)
+        if dataset is None or not hasattr(dataset, "select"):
+            raise RuntimeError("CAMWriter needs a lit_wsss DataModule whose predict_dataset supports select()")
+        self._all_ids = list(dataset.image_ids)
+        if trainer.is_global_zero:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            for leftover in [*self.out_dir.glob(f"*{TMP_SUFFIX}"), *self.out_dir.glob("_shard_*.json")]:
+                leftover.unlink()
+        trainer.strategy.barrier()
+        # Every rank lists the finished files before any rank writes a new one.
+        done = set() if self.overwrite else {p.stem for p in self.out_dir.glob("*.npz")}
+        trainer.strategy.barrier()
+        todo = [image_id for image_id in self._all_ids if image_id not in done]
+        if len(self._all_ids) < trainer.world_size:
+            raise ValueError(f"{len(self._all_ids)} images cannot be shared by {trainer.world_size} processes")
+        if len(todo) < trainer.world_size:
+            # A rank without a batch skips the predict hooks and their barriers: redo a few finished ids
+            # (same bytes) so that every rank takes part.
+            todo += [image_id for image_id in self._all_ids if image_id in done][: trainer.world_size - len(todo)]
+        datamodule.predict_dataset = dataset.select(set(todo))
+        self._written = {}
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The checkpoint is restored after setup(), so the producer is pinned here, before the first write.
+        run = self._producer(trainer, pl_module)
+        self._check_producer(run)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            write_json_atomic(self.out_dir / RUN_FILE, run)
+
+    def _producer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        protocol = pl_module.protocol() if hasattr(pl_module, "protocol") else {}
+        for volatile in ("world_size", "accumulate_grad_batches", "effective_batch_size"):
+            protocol.pop(volatile, None)  # resuming on another number of devices is fine
+        return {
+            "producer": type(pl_module).__name__,
+            "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
+            "hparams": {k: v for k, v in dict(pl_module.hparams).items()},
+            "protocol": protocol,
+        }
+
+    def _check_producer(self, run: dict[str, Any]) -> None:
+        previous = self.out_dir / RUN_FILE
+        if self.overwrite or not previous.is_file():
+            return
+        before = json.loads(previous.read_text())
+        now = json.loads(json.dumps(run, sort_keys=True, default=str))
+        if before != now:
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+            raise RuntimeError(
+                f"{self.out_dir} holds CAMs of another producer (differs in {changed}, see {previous}); "
+                "use a new out_dir or CAMWriter(overwrite=True)"
+            )
+
+    # --- while predicting --------------------------------------------------------------------------------
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: list[dict[str, Any]],
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        for record in prediction:
+            arrays = {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record}
+            arrays["keys"] = arrays["keys"].astype(np.int64)
+            save_npz_atomic(self.out_dir / f"{record['image_id']}.npz", **arrays)
+            self._written[record["image_id"]] = list(arrays["high_res"].shape)
+
+    # --- after predicting: shards -> manifest ------------------------------------------------------------
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        write_json_atomic(self.out_dir / f"_shard_{trainer.global_rank}.json", self._written)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            self._write_manifest(trainer)
+        trainer.strategy.barrier()
+
+    def _write_manifest(self, trainer: pl.Trainer) -> None:
+        shards = sorted(self.out_dir.glob("_shard_*.json"))
+        written_by_rank: dict[str, int] = {}
+        seen: set[str] = set()
+        for shard in shards:
+            ids = json.loads(shard.read_text())
+            duplicated = seen & set(ids)
+            if duplicated:
+                raise RuntimeError(f"CAMs written twice under DDP: {sorted(duplicated)[:5]}")
+            seen |= set(ids)
+            written_by_rank[shard.stem.removeprefix("_shard_")] = len(ids)
+        missing = [i for i in self._all_ids if not (self.out_dir / f"{i}.npz").is_file()]
+        if missing:
+            raise RuntimeError(f"{len(missing)} CAM files missing after predict, e.g. {missing[:5]}")
+        images = {}
+        for image_id in self._all_ids:
+            shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
+            images[image_id] = {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
+        run = json.loads((self.out_dir / RUN_FILE).read_text())
+        cam_protocol = run.get("protocol", {}).get("cam", {})
+        manifest = {
+            **run,
+            "format": {name: "see lit_wsss.callbacks.cam_writer" for name in CAM_ARRAYS},
+            "bg_threshold": cam_protocol.get("bg_threshold"),
+            "count": len(images),
+            "written_this_run": len(seen),
+            "written_by_rank": written_by_rank,
+            "world_size": trainer.world_size,
+            "images": images,
+        }
+        write_json_atomic(self.out_dir / MANIFEST, manifest)
+        for shard in shards:
+            shard.unlink()
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.numpy().astype(np.float32) if value.is_floating_point() else value.numpy()
+    return np.asarray(value)
