@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lit_wsss.io import save_npz_atomic
+
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -70,4 +72,17 @@ def load_cls_labels(path: str | Path, num_classes: int | None = None) -> dict[st
 def save_cls_labels_npz(labels: dict[str, np.ndarray], path: str | Path) -> None:
     """Write labels in lit_wsss's pickle-free format (``ids``: str array, ``labels``: (N, C) float32)."""
     ids = sorted(labels)
-    np.savez(path, ids=np.array(ids), labels=np.stack([labels[i] for i in ids]).astype(np.float32))
+    save_npz_atomic(path, ids=np.array(ids), labels=np.stack([labels[i] for i in ids]).astype(np.float32))
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: bit k of the index goes to bit 7 - k // 3 of channel k % 3. (n, 3) uint8."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, rgb = i, [0, 0, 0]
+        for j in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = rgb
+    return cmap

@@ -62,7 +62,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from lit_wsss.datamodules.labels import VOC_CLASSES
+from lit_wsss.datamodules.labels import VOC_CLASSES, voc_colormap
 from lit_wsss.datamodules.voc import VOCDataModule
 
 try:
@@ -93,19 +93,6 @@ PART_COLOURS: dict[str, tuple[int, int, int]] = {
 PART_SHAPES = ("disc", "square", "triangle", "cross")
 BODY_SHAPES = ("ellipse", "rounded_rect", "blob")
 BODY_TEXTURES = ("stripes", "spots", "mottled")
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: bit k of the index goes to bit 7 - k // 3 of channel k % 3. (n, 3) uint8."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = rgb
-    return cmap
 
 
 def part_look(class_index: int) -> tuple[str, str]:
