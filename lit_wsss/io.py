@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -16,22 +17,51 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 TMP_SUFFIX = ".tmp"
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash never leaves a half file.
+
+    The temporary name (``.<name>.<pid>.tmp``) is unique per process, so concurrent writers never collide.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def palette_png_bytes(mask: np.ndarray) -> bytes:
+    """A uint8 label map encoded as a palette PNG (mode "P") with the full 256-entry VOC colour map."""
+    from PIL import Image
+
+    from lit_wsss.datamodules.labels import voc_colormap
+
+    image = Image.fromarray(np.asarray(mask, dtype=np.uint8))
+    image.putpalette(voc_colormap().tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` as an uncompressed ``.npz`` under a temporary name, then rename into place.
 
     The archive is byte-for-byte reproducible (fixed member order and time stamps) and holds no pickles,
     so it reads back with ``np.load(path, allow_pickle=False)``. A crash leaves at most a ``*.tmp`` file.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as handle, zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive:
+    content = io.BytesIO()
+    with zipfile.ZipFile(content, mode="w", compression=zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
             info.external_attr = 0o644 << 16
             archive.writestr(info, buffer.getvalue())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, content.getvalue())
 
 
 def npz_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
@@ -49,7 +79,4 @@ def npz_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """JSON under a temporary name, then renamed into place."""
-    path = Path(path)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())

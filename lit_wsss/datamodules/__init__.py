@@ -1,7 +1,8 @@
-"""DataModules: VOC 2012, the built-in synthetic VOC-format set (COCO 2014 follows)."""
+"""DataModules: VOC 2012, MS COCO 2014 and the built-in synthetic VOC-format set."""
 
 from lit_wsss.datamodules.base import WSSSDataModule
+from lit_wsss.datamodules.coco import COCODataModule
 from lit_wsss.datamodules.synthetic import SyntheticVOCDataModule
 from lit_wsss.datamodules.voc import VOCDataModule
 
-__all__ = ["SyntheticVOCDataModule", "VOCDataModule", "WSSSDataModule"]
+__all__ = ["COCODataModule", "SyntheticVOCDataModule", "VOCDataModule", "WSSSDataModule"]

@@ -22,7 +22,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_wsss.datamodules.transforms import IGNORE_INDEX
+from lit_wsss.datamodules.transforms import IGNORE_INDEX, build_train_transform, inference
 
 
 class Batch(TypedDict, total=False):
@@ -57,6 +57,24 @@ def read_mask(path: Path, image_shape: tuple[int, int], num_classes: int) -> np.
     if bad.size:
         raise ValueError(f"mask {path} holds values {bad.tolist()}; expected 0..{num_classes} or {IGNORE_INDEX}")
     return mask
+
+
+def resolve_list(root: Path, name: str) -> Path:
+    """A split list given as a path, or as a name looked up in ``ImageSets/Segmentation`` and the root."""
+    candidates = [Path(name), root / "ImageSets" / "Segmentation" / f"{name}.txt", root / f"{name}.txt", root / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"split list {name!r} not found; looked for " + ", ".join(map(str, candidates)))
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Image ids of a split list: IRN style (one id per line) or SIPE/CPN style
+    (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``), where the id is the first token's stem."""
+    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"split list {path} is empty")
+    return ids
 
 
 class SegmentationFolderDataset(Dataset):
@@ -167,19 +185,61 @@ class WSSSDataModule(pl.LightningDataModule):
             ``batch_size x devices x num_nodes x accumulate_grad_batches``.
         val_batch_size: evaluation images per process (variable sizes are padded).
         num_workers: loader workers per process.
+        crop_size: training crop (IRN 512).
+        resize_long: range of the random long side before cropping (IRN 320..640).
+        train_transform: named training pipeline (``lit_wsss.datamodules.transforms``).
     """
 
     num_classes: int
     class_names: tuple[str, ...]
 
-    def __init__(self, batch_size: int = 16, val_batch_size: int = 1, num_workers: int = 4) -> None:
+    def __init__(
+        self,
+        batch_size: int = 16,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        crop_size: int = 512,
+        resize_long: tuple[int, int] = (320, 640),
+        train_transform: str = "irn_cls",
+    ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
+        self.crop_size = crop_size
+        self.resize_long = tuple(resize_long)
+        self.train_transform = train_transform
         self.train_dataset: SegmentationFolderDataset | None = None
         self.val_dataset: SegmentationFolderDataset | None = None
         self.predict_dataset: SegmentationFolderDataset | None = None
+
+    def folder_dataset(
+        self,
+        ids: list[str],
+        image_paths: list[Path],
+        labels: dict[str, np.ndarray],
+        *,
+        train: bool,
+        mask_paths: list[Path] | None = None,
+        ids_source: Any = "",
+        labels_source: Any = "",
+    ) -> SegmentationFolderDataset:
+        """A dataset over ``ids`` after checking that every id has a label and an image file.
+
+        ``ids_source`` / ``labels_source`` name the list and the label file in the error messages.
+        """
+        missing = [i for i in ids if i not in labels]
+        if missing:
+            raise KeyError(f"{len(missing)} ids of {ids_source} have no label in {labels_source}, e.g. {missing[:5]}")
+        absent = [p for p in image_paths if not p.is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"{len(absent)} images of {ids_source} are missing, e.g. {[str(p) for p in absent[:3]]}"
+            )
+        transform = (
+            build_train_transform(self.train_transform, self.crop_size, self.resize_long) if train else inference()
+        )
+        return SegmentationFolderDataset(ids, image_paths, labels, transform, self.num_classes, mask_paths)
 
     @property
     def _rank(self) -> int:
@@ -216,4 +276,11 @@ class WSSSDataModule(pl.LightningDataModule):
 
     def protocol(self) -> dict[str, Any]:
         """Data-side facts a result depends on (extended by subclasses)."""
-        return {"datamodule": type(self).__name__, "num_classes": self.num_classes, "batch_size": self.batch_size}
+        return {
+            "datamodule": type(self).__name__,
+            "num_classes": self.num_classes,
+            "batch_size": self.batch_size,
+            "crop_size": self.crop_size,
+            "resize_long": list(self.resize_long),
+            "train_transform": self.train_transform,
+        }

@@ -52,7 +52,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,10 +59,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image
 
-from lit_wsss.datamodules.labels import VOC_CLASSES, voc_colormap
+from lit_wsss.datamodules.labels import VOC_CLASSES
 from lit_wsss.datamodules.voc import VOCDataModule
+from lit_wsss.io import palette_png_bytes
+from lit_wsss.io import write_bytes_atomic as _write_atomic
 
 try:
     import fcntl
@@ -331,31 +331,6 @@ def _render(
     return rgb, mask, record
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: a crash never leaves a half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=1) + "\n").encode()
-
-
-def _png_bytes(mask: np.ndarray, palette: bytes) -> bytes:
-    image = Image.fromarray(mask)
-    image.putpalette(palette)  # "L" -> "P" with the full 256-entry VOC palette
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _read_meta(root: Path) -> dict[str, Any] | None:
     path = root / META_FILE
     if not path.is_file():
@@ -381,6 +356,10 @@ def _check_foreign(root: Path) -> None:
         foreign = [n for n in names if not n.startswith((ID_PREFIX, "."))]
         if foreign:
             raise FileExistsError(f"{folder}: holds {foreign[0]!r}, not a synthetic image; not writing")
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
 
 
 @contextlib.contextmanager
@@ -515,7 +494,6 @@ def _generate(root: Path, params: dict[str, Any]) -> None:
             is_tmp = entry.name.startswith(".") and entry.name.endswith(".tmp")
             if is_tmp or (entry.name.startswith(ID_PREFIX) and entry.stem not in keep):
                 entry.unlink()
-    palette = voc_colormap().tobytes()
     labels: dict[np.int32, np.ndarray] = {}
     records = []
     for image_id, (split, classes), image_rng in zip(ids, plan, image_rngs):
@@ -525,7 +503,7 @@ def _generate(root: Path, params: dict[str, Any]) -> None:
         if not ok:  # pragma: no cover
             raise RuntimeError(f"JPEG encoding failed for {image_id}")
         _write_atomic(root / "JPEGImages" / f"{image_id}.jpg", jpg.tobytes())
-        _write_atomic(root / "SegmentationClass" / f"{image_id}.png", _png_bytes(mask, palette))
+        _write_atomic(root / "SegmentationClass" / f"{image_id}.png", palette_png_bytes(mask))
         vector = np.zeros(C, np.float32)
         vector[[c - 1 for c in record["classes"]]] = 1
         labels[np.int32(image_id.replace("_", ""))] = vector  # IRN's key type: np.int32, as in its own file

@@ -5,27 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
+from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule, read_id_list, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
-from lit_wsss.datamodules.transforms import build_train_transform, inference
-
-
-def resolve_list(root: Path, name: str) -> Path:
-    """A split list given as a path, or as a name looked up in ``ImageSets/Segmentation`` and the root."""
-    candidates = [Path(name), root / "ImageSets" / "Segmentation" / f"{name}.txt", root / f"{name}.txt", root / name]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"split list {name!r} not found; looked for " + ", ".join(map(str, candidates)))
-
-
-def read_id_list(path: Path) -> list[str]:
-    """Image ids of a split list: IRN style (one id per line) or SIPE/CPN style
-    (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``), where the id is the first token's stem."""
-    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
-    if not ids:
-        raise ValueError(f"split list {path} is empty")
-    return ids
 
 
 class VOCDataModule(WSSSDataModule):
@@ -62,7 +43,10 @@ class VOCDataModule(WSSSDataModule):
         val_batch_size: int = 1,
         num_workers: int = 4,
     ) -> None:
-        super().__init__(batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers)
+        super().__init__(
+            batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers, crop_size=crop_size,
+            resize_long=resize_long, train_transform=train_transform,
+        )
         self.save_hyperparameters()
         # Read from attributes, not self.hparams: under LightningCLI a subclass's hparams hold only its own
         # config keys (e.g. SyntheticVOCDataModule sets the lists itself).
@@ -72,9 +56,6 @@ class VOCDataModule(WSSSDataModule):
         self.predict_list = predict_list or val_list
         self.cls_labels_path = Path(cls_labels) if cls_labels else self.root / "cls_labels.npy"
         self.mask_dir = mask_dir
-        self.crop_size = crop_size
-        self.resize_long = tuple(resize_long)
-        self.train_transform = train_transform
         self.class_names = VOC_CLASSES
         self.num_classes = len(VOC_CLASSES)
         self._labels: dict | None = None
@@ -97,22 +78,15 @@ class VOCDataModule(WSSSDataModule):
         ids = read_id_list(list_path)
         if self._labels is None:
             self._labels = load_cls_labels(self.cls_labels_path, self.num_classes)
-        missing = [i for i in ids if i not in self._labels]
-        if missing:
-            raise KeyError(f"{len(missing)} ids of {list_path} have no label in {self.cls_labels_path}, "
-                           f"e.g. {missing[:5]}")
-        images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
-        absent = [p for p in images if not p.is_file()]
-        if absent:
-            raise FileNotFoundError(f"{len(absent)} images of {list_path} are missing, e.g. {[str(p) for p in absent[:3]]}")
-        transform = (
-            build_train_transform(self.train_transform, self.crop_size, self.resize_long) if train else inference()
-        )
         masks = None
         if with_masks:
             folder = self.mask_folder()
             masks = [folder / f"{i}.png" for i in ids]
-        return SegmentationFolderDataset(ids, images, self._labels, transform, self.num_classes, masks)
+        images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
+        return self.folder_dataset(
+            ids, images, self._labels, train=train, mask_paths=masks, ids_source=list_path,
+            labels_source=self.cls_labels_path,
+        )
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir():
@@ -135,8 +109,5 @@ class VOCDataModule(WSSSDataModule):
             predict_list=self.predict_list,
             cls_labels=str(self.cls_labels_path),
             ground_truth=self.mask_dir,
-            crop_size=self.crop_size,
-            resize_long=list(self.resize_long),
-            train_transform=self.train_transform,
         )
         return record
