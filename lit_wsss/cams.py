@@ -101,7 +101,9 @@ def cams_to_mask(high_res: Tensor, keys: Tensor, bg_threshold: float = DEFAULT_B
     Returns:
         ``(H, W)`` int64 mask of segmentation ids.
     """
-    background = high_res.new_full((1, *high_res.shape[-2:]), bg_threshold)
-    compact = torch.cat([background, high_res], dim=0).argmax(0)
-    lookup = torch.cat([keys.new_zeros(1), keys.to(torch.long) + 1])
-    return lookup[compact]
+    if len(keys) == 0:
+        return torch.zeros(high_res.shape[-2:], dtype=torch.long, device=high_res.device)
+    # Same result as argmax over the stacked planes (background first wins ties, then the first class),
+    # without materialising the (K+1, H, W) stack: torch's CPU argmax over dim 0 is ~20x slower.
+    values, index = high_res.max(dim=0)
+    return torch.where(values > bg_threshold, keys.to(device=high_res.device, dtype=torch.long)[index] + 1, 0)

@@ -7,7 +7,9 @@ DataModule, and linked into the model.
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 
 # Offline-safe defaults, before albumentations / wandb are imported (../shared/stack.md, "Pitfalls").
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -21,6 +23,12 @@ from lit_wsss.modules.base import WSSSModule  # noqa: E402
 
 class WSSSCLI(LightningCLI):
     """LightningCLI with subclass mode for methods and data sets and the class count linked between them."""
+
+    def init_parser(self, **kwargs):  # noqa: D102 - lists the extra tools in --help
+        kwargs.setdefault(
+            "epilog", "other tools: " + "; ".join(f"lit-wsss {name} --help: {h}" for name, (_, h) in TOOLS.items())
+        )
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -42,6 +50,14 @@ def run_cli(args: ArgsType = None) -> WSSSCLI:
     )
 
 
+#: Subcommands that are not Trainer entry points: name -> (module, help).
+TOOLS = {"eval-cam": ("lit_wsss.evaluation", "evaluate a CAM folder over a sweep of background thresholds")}
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of the ``lit-wsss`` console script."""
+    """Entry point of the ``lit-wsss`` console script: LightningCLI subcommands plus the tools in ``TOOLS``."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv and argv[0] in TOOLS:
+        module = importlib.import_module(TOOLS[argv[0]][0])
+        sys.exit(module.main(argv[1:]))
     run_cli(args)

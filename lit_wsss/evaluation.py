@@ -1,0 +1,659 @@
+"""CAM evaluation: one-pass background-threshold sweep over a folder of CAM files (``lit-wsss eval-cam``).
+
+Protocol (../shared/methods/protocol.md §5, pitfalls P8, P9): the prediction of an image is IRN's
+``argmax([tau, high_res_1..K])`` mapped through ``(0, keys + 1)`` (:func:`lit_wsss.cams.cams_to_mask`); ONE
+confusion matrix is accumulated over every pixel of every image (ground truth 255 ignored) and the mIoU is the
+nan-mean of the per-class IoUs (:func:`lit_wsss.metrics.miou_from_confusion`). IRN reports a single fixed
+threshold (0.15); later repos sweep it. A threshold picked on the evaluation masks is optimistic, so both
+the fixed-threshold and the oracle (best-on-these-masks) numbers are reported, labelled as such.
+
+CAM files (protocol.md §12): ``<cams>/<id>.npz`` holding ``keys`` int64 (K,) 0-based foreground indices,
+``high_res`` float32 (K, H, W), ``cam`` (K, ceil(H/4), ceil(W/4)) (not used here) and optionally ``bg``
+float32 (H, W) for methods that predict their own background; those files are scored by a plain argmax over
+``[bg, high_res_1..K]`` (no threshold) in a separate confusion. ``<cams>/manifest.json`` may give the
+default fixed threshold as ``"bg_threshold"``. Every other file in the folder is ignored.
+
+The sweep is exact and costs about one decoding: at threshold ``t`` a pixel is background iff
+``max_k cam_k <= t`` (argmax ties go to the background plane, which comes first), otherwise it is class
+``keys[argmax_k cam_k] + 1`` (the first maximum) whatever ``t`` is. So the max ``m`` and argmax ``c`` are
+computed once per pixel, ``m`` is bucketed against the sorted thresholds, one joint histogram over
+(ground truth, ``c``, bucket) is taken, and cumulative sums over the buckets give every threshold's matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import zipfile
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Offline-safe defaults before lit_wsss.datamodules pulls in albumentations (../shared/stack.md, "Pitfalls").
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from lit_wsss.cams import DEFAULT_BG_THRESHOLD  # noqa: E402
+from lit_wsss.datamodules.base import read_mask  # noqa: E402
+from lit_wsss.datamodules.labels import VOC_CLASSES  # noqa: E402
+from lit_wsss.datamodules.voc import read_id_list, resolve_list  # noqa: E402
+from lit_wsss.metrics import IGNORE_INDEX, iou_from_confusion, miou_from_confusion  # noqa: E402
+
+__all__ = [
+    "sweep_confusions",
+    "argmax_confusion",
+    "evaluate_cam_folder",
+    "write_reports",
+    "parse_thresholds",
+    "main",
+]
+
+ORACLE_LABEL = "oracle (best on these masks)"
+FIXED_LABEL = "fixed"
+ARGMAX_LABEL = "argmax over [bg, high_res] (no threshold)"
+GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+
+
+def _as_numpy(array: Any) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _check_inputs(
+    high_res: Any, keys: Any, gt: Any, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy views of one image's CAMs, keys and ground truth, with shapes and ranges checked."""
+    cams = _as_numpy(high_res)
+    keys = _as_numpy(keys).reshape(-1)
+    gt = _as_numpy(gt)
+    if cams.ndim != 3:
+        raise ValueError(f"high_res must be (K, H, W), got shape {cams.shape}")
+    if not np.issubdtype(cams.dtype, np.floating):
+        raise ValueError(f"high_res must be floating point, got {cams.dtype}")
+    if keys.shape != (cams.shape[0],):
+        raise ValueError(f"keys has shape {keys.shape} but high_res has {cams.shape[0]} channels")
+    if keys.size and not np.issubdtype(keys.dtype, np.integer):
+        raise ValueError(f"keys must be integers, got {keys.dtype}")
+    keys = keys.astype(np.int64)
+    if keys.size and (keys.min() < 0 or keys.max() >= num_classes):
+        raise ValueError(f"keys {keys.tolist()} outside 0..{num_classes - 1} (0-based foreground indices)")
+    if gt.shape != cams.shape[1:]:
+        raise ValueError(f"ground truth is {gt.shape} (H, W) but high_res is {cams.shape[1:]}")
+    return cams, keys, gt
+
+
+def _valid_ground_truth(gt: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat mask of counted pixels (gt != 255) and their int64 labels, range-checked."""
+    flat = gt.reshape(-1)
+    valid = flat != IGNORE_INDEX
+    labels = flat[valid].astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() > num_classes):
+        bad = np.setdiff1d(np.unique(labels), np.arange(num_classes + 1))
+        raise ValueError(
+            f"ground truth holds values {bad.tolist()}; expected 0..{num_classes} or {IGNORE_INDEX}"
+        )
+    return valid, labels
+
+
+def _max_argmax(cams: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per counted pixel: the max over channels and the index of its FIRST occurrence (torch/numpy argmax)."""
+    if cams.shape[0] == 1:
+        top = cams[0].reshape(-1)[valid]
+        index = np.zeros(top.shape, np.int64)
+    else:
+        top = cams.max(0).reshape(-1)[valid]
+        index = cams.argmax(0).reshape(-1)[valid]
+    if np.isnan(top).any():
+        raise ValueError("high_res contains NaN")
+    return top, index
+
+
+def sweep_confusions(
+    high_res: Any, keys: Any, gt: Any, thresholds: Sequence[float] | np.ndarray, num_classes: int
+) -> np.ndarray:
+    """Confusion matrices of one image at every background threshold, in one pass over the pixels.
+
+    Equal, integer for integer, to ``bincount(gt * (C+1) + cams_to_mask(high_res, keys, t))`` over the
+    pixels with ``gt != 255``, for each ``t``. The CAM is compared with each threshold in the CAM's own dtype
+    (float32 for the canonical files), as :func:`lit_wsss.cams.cams_to_mask` does, so ties and CAM values
+    equal to a threshold decode the same way.
+
+    Args:
+        high_res: ``(K, H, W)`` CAMs (numpy or torch), ``K`` may be 0 (everything is background).
+        keys: ``(K,)`` 0-based foreground class indices.
+        gt: ``(H, W)`` ground truth, values ``0..num_classes`` or 255 (ignored).
+        thresholds: background planes ``tau``; any order, duplicates allowed.
+        num_classes: foreground classes ``C`` (VOC: 20).
+
+    Returns:
+        ``(T, C+1, C+1)`` int64 ``[threshold, ground truth, prediction]``, in the caller's threshold order.
+    """
+    cams, keys, gt = _check_inputs(high_res, keys, gt, num_classes)
+    thr = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if thr.size == 0:
+        raise ValueError("no thresholds given")
+    if not np.isfinite(thr).all():
+        raise ValueError(f"thresholds must be finite, got {thr.tolist()}")
+    count, n = thr.size, num_classes + 1
+    valid, labels = _valid_ground_truth(gt, num_classes)
+    out = np.zeros((count, n, n), np.int64)
+    num_keys = cams.shape[0]
+    if num_keys == 0:
+        out[:, :, 0] = np.bincount(labels, minlength=n)
+        return out
+    top, index = _max_argmax(cams, valid)
+    # Compare in the CAM dtype: cams_to_mask builds the background plane with high_res.new_full(tau).
+    planes = thr.astype(cams.dtype)
+    order = np.argsort(planes, kind="stable")
+    # bucket b = number of (sorted) thresholds strictly below m: the pixel is foreground at sorted
+    # thresholds j < b (t_j < m) and background at j >= b (m <= t_j, the plane wins ties).
+    bucket = np.searchsorted(planes[order], top, side="left")
+    joint = (labels * num_keys + index) * (count + 1) + bucket
+    hist = np.bincount(joint, minlength=n * num_keys * (count + 1)).reshape(n, num_keys, count + 1)
+    # foreground at sorted threshold j: pixels with bucket > j, a suffix sum over buckets
+    foreground = np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]  # (n, K, T)
+    background = (hist.sum(-1, keepdims=True) - foreground).sum(1)  # (n, T)
+    ranked = np.zeros((count, n, n), np.int64)
+    for k, key in enumerate(keys):  # a loop, not fancy indexing, so that repeated keys add up
+        ranked[:, :, key + 1] += foreground[:, k, :].T
+    ranked[:, :, 0] += background.T
+    out[order] = ranked
+    return out
+
+
+def argmax_confusion(high_res: Any, keys: Any, gt: Any, bg: Any, num_classes: int) -> np.ndarray:
+    """Confusion of one image whose method predicts its own background: ``argmax([bg, high_res_1..K])``
+    mapped through ``(0, keys + 1)`` (ties go to the background, which comes first).
+
+    Returns ``(C+1, C+1)`` int64 ``[ground truth, prediction]`` over the pixels with ``gt != 255``.
+    """
+    cams, keys, gt = _check_inputs(high_res, keys, gt, num_classes)
+    bg = _as_numpy(bg)
+    if not np.issubdtype(bg.dtype, np.floating):
+        raise ValueError(f"bg must be floating point, got {bg.dtype}")
+    if bg.shape != cams.shape[1:]:
+        raise ValueError(f"bg is {bg.shape} but high_res is {cams.shape[1:]} (H, W)")
+    n = num_classes + 1
+    valid, labels = _valid_ground_truth(gt, num_classes)
+    background = bg.reshape(-1)[valid]
+    if np.isnan(background).any():
+        raise ValueError("bg contains NaN")
+    if cams.shape[0] == 0:
+        pred = np.zeros(labels.shape, np.int64)
+    else:
+        top, index = _max_argmax(cams, valid)
+        pred = np.where(background >= top, 0, keys[index] + 1)
+    return np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+
+
+def _nan_to_none(values: np.ndarray) -> list:
+    """Nested lists of floats with nan replaced by None (strict JSON has no NaN)."""
+    if values.ndim == 0:
+        value = float(values)
+        return None if math.isnan(value) else value  # type: ignore[return-value]
+    return [_nan_to_none(v) for v in values]
+
+
+def _scores(confusion: np.ndarray) -> dict[str, Any]:
+    """mIoU, per-class IoU, precision (C_cc / column sum) and recall (C_cc / row sum) of one matrix."""
+    matrix = torch.from_numpy(confusion)
+    iou = iou_from_confusion(matrix).numpy()
+    miou = float(miou_from_confusion(matrix)) if not np.isnan(iou).all() else float("nan")
+    diagonal = confusion.diagonal().astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(confusion.sum(0) > 0, diagonal / confusion.sum(0), np.nan)
+        recall = np.where(confusion.sum(1) > 0, diagonal / confusion.sum(1), np.nan)
+    return {"miou": miou, "iou": iou, "precision": precision, "recall": recall}
+
+
+def _block(confusion: np.ndarray, **extra: Any) -> dict[str, Any]:
+    scores = _scores(confusion)
+    return {
+        **extra,
+        "miou": _nan_to_none(np.float64(scores["miou"])),
+        "iou": _nan_to_none(scores["iou"]),
+        "precision": _nan_to_none(scores["precision"]),
+        "recall": _nan_to_none(scores["recall"]),
+        "confusion": confusion.tolist(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------- folder
+
+
+def _ground_truth_folder(root: Path, mask_dir: str | Path | None) -> Path:
+    if mask_dir is not None:
+        for candidate in (Path(mask_dir), root / mask_dir):
+            if candidate.is_dir():
+                return candidate
+        raise FileNotFoundError(f"mask folder not found: {mask_dir} (also looked for {root / mask_dir})")
+    for name in GT_FOLDERS:
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"no {' or '.join(GT_FOLDERS)} folder under {root}")
+
+
+def _read_manifest(cams_dir: Path) -> dict[str, Any]:
+    path = cams_dir / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read CAM manifest {path}: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"CAM manifest {path} is not a JSON object")
+    threshold = manifest.get("bg_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise ValueError(f"CAM manifest {path}: bg_threshold must be a number or null, got {threshold!r}")
+    return manifest
+
+
+def _load_cam_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``keys``, ``high_res`` and (optional) ``bg`` of one CAM file; ``cam`` is not read."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ("keys", "high_res") if name not in data.files]
+            if missing:
+                raise ValueError(f"missing array(s) {missing}; has {sorted(data.files)}")
+            keys = data["keys"]
+            high_res = data["high_res"]
+            bg = data["bg"] if "bg" in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"cannot read CAM file {path}: {error}") from None
+    return keys, high_res, bg
+
+
+def _default_class_names(num_classes: int) -> list[str]:
+    if num_classes == len(VOC_CLASSES):
+        return ["background", *VOC_CLASSES]
+    foreground = [f"class_{i}" for i in range(1, num_classes + 1)]
+    return ["background", *foreground]
+
+
+def _match(value: float, candidates: Sequence[float]) -> int | None:
+    for index, candidate in enumerate(candidates):
+        if math.isclose(value, candidate, rel_tol=0.0, abs_tol=1e-12):
+            return index
+    return None
+
+
+def evaluate_cam_folder(
+    cams_dir: str | Path,
+    root: str | Path,
+    ids: Sequence[str],
+    thresholds: Sequence[float],
+    num_classes: int = 20,
+    mask_dir: str | Path | None = None,
+    fixed_threshold: float | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Dataset-level CAM mIoU of a folder of CAM files at every threshold of a sweep (protocol.md §5).
+
+    Files are streamed one at a time (memory does not grow with the number of images); one confusion per
+    threshold is accumulated over the whole dataset.
+
+    Args:
+        cams_dir: folder of ``<id>.npz`` CAM files (optionally ``manifest.json``).
+        root: VOC-layout root; ground truth is ``<root>/SegmentationClass/<id>.png``, or
+            ``<root>/SegmentationClassAug`` when the first folder does not exist.
+        ids: image ids to score (each must have a CAM file and a mask).
+        thresholds: the sweep of background planes ``tau`` (reported in this order).
+        num_classes: foreground classes ``C``.
+        mask_dir: ground-truth folder overriding the default (a path, or a name under ``root``).
+        fixed_threshold: the pre-registered threshold; default the manifest's ``bg_threshold``, else IRN's
+            0.15 (:data:`lit_wsss.cams.DEFAULT_BG_THRESHOLD`). Evaluated even if it is not in the sweep.
+        class_names: ``C+1`` names (background first) or ``C`` foreground names; default VOC's.
+        progress: show a tqdm progress bar (stderr).
+
+    Returns:
+        A JSON-serialisable dict (nan written as None): ``thresholds``, ``miou`` (per threshold), ``iou``,
+        ``precision``, ``recall`` (per threshold, per class), ``confusion`` (per threshold), ``best``
+        (oracle), ``fixed``, ``num_images``, ``class_names``, ``ground_truth``, ``mode`` and, when some files
+        carry ``bg``, ``bg_argmax``. When EVERY file carries ``bg`` the sweep does not apply: ``mode`` is
+        ``"bg_argmax"``, the sweep lists are empty, ``best``/``fixed`` are None and ``note`` says so.
+
+    Raises:
+        FileNotFoundError: a listed id has no CAM file or no mask (the message names it).
+        ValueError: malformed CAM file, mask values outside ``0..C``/255, or mask and CAM sizes differ
+            (the message names the files).
+    """
+    cams_dir, root = Path(cams_dir), Path(root)
+    ids = list(ids)
+    sweep = [float(t) for t in np.asarray(thresholds, dtype=np.float64).reshape(-1)]
+    if not ids:
+        raise ValueError("no image ids to evaluate")
+    if not sweep:
+        raise ValueError("no thresholds given")
+    duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"the id list repeats {len(duplicates)} id(s), e.g. {duplicates[:5]}")
+    if not cams_dir.is_dir():
+        raise FileNotFoundError(f"CAM folder not found: {cams_dir}")
+    gt_dir = _ground_truth_folder(root, mask_dir)
+    manifest = _read_manifest(cams_dir)
+    if fixed_threshold is None:  # CAMWriter writes "bg_threshold": null when the producer recorded none
+        fixed_threshold = manifest.get("bg_threshold")
+    if fixed_threshold is None:
+        fixed_threshold = DEFAULT_BG_THRESHOLD
+    fixed_threshold = float(fixed_threshold)
+    if class_names is None:
+        names = _default_class_names(num_classes)
+    else:
+        names = list(class_names)
+        if len(names) == num_classes:
+            names = ["background", *names]
+        if len(names) != num_classes + 1:
+            raise ValueError(f"{len(names)} class names for {num_classes} classes (+ background)")
+
+    # Fail before the long loop: every listed id needs its CAM file and its mask.
+    cam_paths = [cams_dir / f"{i}.npz" for i in ids]
+    mask_paths = [gt_dir / f"{i}.png" for i in ids]
+    for image_id, path in zip(ids, cam_paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"no CAM file for id {image_id!r}: {path} is missing")
+    for image_id, path in zip(ids, mask_paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"no ground-truth mask for id {image_id!r}: {path} is missing")
+
+    fixed_index = _match(fixed_threshold, sweep)
+    planes = sweep if fixed_index is not None else [*sweep, fixed_threshold]
+    n = num_classes + 1
+    sweep_total = np.zeros((len(planes), n, n), np.int64)
+    argmax_total = np.zeros((n, n), np.int64)
+    swept = with_bg = 0
+    for image_id, cam_path, mask_path in tqdm(
+        list(zip(ids, cam_paths, mask_paths)), desc="eval-cam", unit="img", disable=not progress
+    ):
+        keys, high_res, bg = _load_cam_file(cam_path)
+        if high_res.ndim != 3:
+            raise ValueError(f"CAM file {cam_path}: high_res must be (K, H, W), got shape {high_res.shape}")
+        try:
+            gt = read_mask(mask_path, tuple(high_res.shape[1:]), num_classes)
+        except ValueError as error:
+            raise ValueError(f"id {image_id!r}: {error} -- CAM file {cam_path} has high_res of "
+                             f"{high_res.shape[2]}x{high_res.shape[1]} (width x height)") from None
+        try:
+            if bg is None:
+                sweep_total += sweep_confusions(high_res, keys, gt, planes, num_classes)
+                swept += 1
+            else:
+                argmax_total += argmax_confusion(high_res, keys, gt, bg, num_classes)
+                with_bg += 1
+        except ValueError as error:
+            raise ValueError(f"CAM file {cam_path} (mask {mask_path}): {error}") from None
+
+    result: dict[str, Any] = {
+        "cams": str(cams_dir),
+        "ground_truth": str(gt_dir),
+        "num_images": len(ids),
+        "num_classes": num_classes,
+        "class_names": names,
+        "mode": "sweep" if with_bg == 0 else ("bg_argmax" if swept == 0 else "mixed"),
+        # the manifest minus its per-image table (CAMWriter's "images": one entry per id, large)
+        "manifest": {key: value for key, value in manifest.items() if key != "images"},
+    }
+    if swept:
+        scores = [_scores(matrix) for matrix in sweep_total[: len(sweep)]]
+        miou = np.array([s["miou"] for s in scores])
+        best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else 0  # first best: lowest such tau
+        fixed_matrix = sweep_total[fixed_index if fixed_index is not None else len(sweep)]
+        result.update(
+            thresholds=sweep,
+            miou=_nan_to_none(miou),
+            iou=[_nan_to_none(s["iou"]) for s in scores],
+            precision=[_nan_to_none(s["precision"]) for s in scores],
+            recall=[_nan_to_none(s["recall"]) for s in scores],
+            confusion=sweep_total[: len(sweep)].tolist(),
+            num_images_swept=swept,
+            best=_block(sweep_total[best], threshold=sweep[best], chosen=ORACLE_LABEL),
+            fixed=_block(fixed_matrix, threshold=fixed_threshold, chosen=FIXED_LABEL,
+                         in_sweep=fixed_index is not None),
+        )
+        del result["best"]["confusion"]  # the same as confusion[best]
+    else:
+        result.update(thresholds=[], miou=[], iou=[], precision=[], recall=[], confusion=[],
+                      num_images_swept=0, best=None, fixed=None,
+                      note="every CAM file has an explicit 'bg' map: the background-threshold sweep does not "
+                           "apply; only the plain argmax over [bg, high_res] is reported (bg_argmax)")
+    if with_bg:
+        result["bg_argmax"] = _block(argmax_total, chosen=ARGMAX_LABEL, num_images=with_bg)
+        if swept:
+            result["note"] = (f"mixed folder: {swept} files without 'bg' are in the sweep, {with_bg} files "
+                              "with 'bg' only in bg_argmax; neither covers the whole list")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- reports
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "# CAM evaluation",
+        "",
+        f"- CAMs: `{result['cams']}`",
+        f"- ground truth: `{result['ground_truth']}`",
+        f"- images: {result['num_images']} (dataset-level confusion, ground truth 255 ignored, "
+        f"mIoU = nan-mean over {result['num_classes'] + 1} classes)",
+    ]
+    if result.get("note"):
+        lines.append(f"- note: {result['note']}")
+    names = result["class_names"]
+    if result["thresholds"]:
+        fixed, best = result["fixed"], result["best"]
+        lines += [
+            f"- fixed threshold {fixed['threshold']:g}: mIoU **{_percent(fixed['miou'])} %**",
+            f"- {best['chosen']} threshold {best['threshold']:g}: mIoU {_percent(best['miou'])} % "
+            "(picked on the evaluation masks: optimistic)",
+            "",
+            "## mIoU per threshold",
+            "",
+            "| threshold | mIoU (%) | |",
+            "|---:|---:|---|",
+        ]
+        for tau, miou in zip(result["thresholds"], result["miou"]):
+            marks = [label for label, block in (("fixed", fixed), ("oracle", best))
+                     if math.isclose(tau, block["threshold"], rel_tol=0.0, abs_tol=1e-12)]
+            lines.append(f"| {tau:g} | {_percent(miou)} | {', '.join(marks)} |")
+        if not fixed.get("in_sweep", True):
+            lines.append(f"| {fixed['threshold']:g} | {_percent(fixed['miou'])} | "
+                         "fixed (outside the sweep) |")
+        lines += [
+            "",
+            "## Per-class IoU (%)",
+            "",
+            f"| id | class | fixed ({fixed['threshold']:g}) | oracle ({best['threshold']:g}) |",
+            "|---:|---|---:|---:|",
+        ]
+        for index, name in enumerate(names):
+            lines.append(f"| {index} | {name} | {_percent(fixed['iou'][index])} | "
+                         f"{_percent(best['iou'][index])} |")
+        lines.append(f"| | **mIoU** | **{_percent(fixed['miou'])}** | **{_percent(best['miou'])}** |")
+    if "bg_argmax" in result:
+        block = result["bg_argmax"]
+        lines += [
+            "",
+            f"## Files with their own background: {block['chosen']}",
+            "",
+            f"{block['num_images']} images, mIoU **{_percent(block['miou'])} %**",
+            "",
+            "| id | class | IoU (%) | precision (%) | recall (%) |",
+            "|---:|---|---:|---:|---:|",
+        ]
+        for index, name in enumerate(names):
+            lines.append(f"| {index} | {name} | {_percent(block['iou'][index])} | "
+                         f"{_percent(block['precision'][index])} | {_percent(block['recall'][index])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(result: dict[str, Any], path: Path) -> None:
+    """mIoU vs threshold with the fixed and oracle thresholds marked (Agg canvas, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    pairs = sorted((t, m) for t, m in zip(result["thresholds"], result["miou"]) if m is not None)
+    figure = Figure(figsize=(6, 4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([t for t, _ in pairs], [100 * m for _, m in pairs], marker=".", color="tab:blue", label="sweep")
+    for block, colour, marker in ((result["fixed"], "tab:green", "o"), (result["best"], "tab:red", "*")):
+        if block["miou"] is not None:
+            axes.axvline(block["threshold"], color=colour, linestyle="--", linewidth=0.8)
+            label = f"{block['chosen']}: {block['threshold']:g} -> {_percent(block['miou'])} %"
+            axes.plot([block["threshold"]], [100 * block["miou"]], marker=marker, markersize=10, color=colour,
+                      linestyle="none", label=label)
+    axes.set_xlabel("background threshold")
+    axes.set_ylabel("mIoU (%)")
+    axes.set_title(f"CAM mIoU, {result['num_images']} images")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def _replace_atomically(path: Path, write: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_reports(result: dict[str, Any], out_json: str | Path) -> dict[str, Path | None]:
+    """Write ``out_json``, a markdown summary beside it (``.md``) and the sweep curve (``.png``; not written
+    when there is no sweep). Each file goes to a temporary name first and is moved into place."""
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=1, allow_nan=False)
+    _replace_atomically(out_json, lambda p: p.write_text(text + "\n"))
+    markdown = out_json.with_suffix(".md")
+    _replace_atomically(markdown, lambda p: p.write_text(_markdown(result)))
+    curve = None
+    if result["thresholds"]:
+        curve = out_json.with_suffix(".png")
+        _replace_atomically(curve, lambda p: _plot(result, p))
+    return {"json": out_json, "markdown": markdown, "curve": curve}
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """``start:stop:step`` (stop included when it lies on the grid within 1e-9) or ``a,b,c``.
+
+    The grid is ``round(start + i * step, 10)`` for integer ``i``, so ``0.0:0.6:0.03`` gives 21 values
+    ending exactly at 0.6 (no float accumulation).
+    """
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = [float(p) for p in text.split(":")]
+            if len(parts) != 3:
+                raise ValueError("expected start:stop:step")
+            start, stop, step = parts
+            if not all(math.isfinite(p) for p in parts) or step <= 0 or stop < start:
+                raise ValueError("need finite start <= stop and step > 0")
+            quotient = (stop - start) / step
+            steps = round(quotient)
+            if abs(start + steps * step - stop) > 1e-9:
+                steps = math.floor(quotient)
+            values = [round(start + i * step, 10) for i in range(steps + 1)]
+        else:
+            values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError as error:
+        raise ValueError(f"bad thresholds {text!r}: {error}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"bad thresholds {text!r}: need at least one finite value")
+    return values
+
+
+def _read_class_names(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lit-wsss eval-cam",
+        description="Dataset-level CAM mIoU over a background-threshold sweep (protocol.md §5): reports the "
+                    "fixed threshold and the oracle (best on these masks, optimistic) threshold.",
+    )
+    parser.add_argument("--cams", required=True, help="folder of <id>.npz CAM files")
+    parser.add_argument("--root", required=True, help="VOC-layout root with SegmentationClass[Aug]/")
+    parser.add_argument("--list", default="train",
+                        help="split list: a path, or a name looked up in <root>/ImageSets/Segmentation "
+                             "and <root> (IRN or SIPE line format; default: train)")
+    parser.add_argument("--thresholds", default="0.0:0.6:0.03",
+                        help="start:stop:step (stop inclusive) or a comma list (default 0.0:0.6:0.03)")
+    parser.add_argument("--out", required=True, help="result JSON; .md and .png are written beside it")
+    parser.add_argument("--num-classes", type=int, default=20, help="foreground classes (default 20)")
+    parser.add_argument("--class-names", help="file with one class name per line (C, or C+1 with background)")
+    parser.add_argument("--mask-dir",
+                        help="ground-truth folder (default <root>/SegmentationClass, else ...Aug)")
+    parser.add_argument("--fixed-threshold", type=float,
+                        help="reported threshold (default: manifest bg_threshold, else "
+                             f"{DEFAULT_BG_THRESHOLD})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``lit-wsss eval-cam --cams DIR --root VOC_ROOT --list IDS.txt --thresholds 0.0:0.6:0.03 --out R.json``.
+
+    Returns 0 on success, 1 when the evaluation fails (missing or malformed files; the message names them).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        thresholds = parse_thresholds(args.thresholds)
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        root = Path(args.root)
+        ids = read_id_list(resolve_list(root, args.list))
+        names = _read_class_names(args.class_names) if args.class_names else None
+        result = evaluate_cam_folder(
+            args.cams, root, ids, thresholds, num_classes=args.num_classes, mask_dir=args.mask_dir,
+            fixed_threshold=args.fixed_threshold, class_names=names, progress=not args.no_progress,
+        )
+        paths = write_reports(result, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"eval-cam: error: {error}", file=sys.stderr)
+        return 1
+    if result["fixed"] is not None:
+        fixed, best = result["fixed"], result["best"]
+        print(f"fixed threshold {fixed['threshold']:g}: mIoU {_percent(fixed['miou'])} %")
+        print(f"oracle threshold {best['threshold']:g} (best on these masks, optimistic): "
+              f"mIoU {_percent(best['miou'])} %")
+    if "bg_argmax" in result:
+        block = result["bg_argmax"]
+        print(f"bg argmax ({block['num_images']} files with their own background): "
+              f"mIoU {_percent(block['miou'])} %")
+    if result.get("note"):
+        print(f"note: {result['note']}")
+    print("reports: " + ", ".join(str(p) for p in paths.values() if p is not None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
