@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--config", str(EXPERIMENTS / "synth" / "cam.yaml"),
         f"--data.init_args.root={args.data_root}",
         f"--trainer.default_root_dir={args.out}",
-        f"--trainer.logger.init_args.save_dir={args.out}",
+        "--trainer.logger=" + json.dumps([
+            {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": args.out, "name": "cam"}},
+            {"class_path": "pytorch_lightning.loggers.WandbLogger",
+             "init_args": {"save_dir": args.out, "project": "lit_wsss", "name": "demo-cam", "offline": True}},
+        ]),
         *args.extra,
     ])
     model, datamodule = cli.model, cli.datamodule

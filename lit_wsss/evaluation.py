@@ -38,6 +38,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torchmetrics import Metric  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lit_wsss.cams import DEFAULT_BG_THRESHOLD  # noqa: E402
@@ -292,6 +293,35 @@ def _match(value: float, candidates: Sequence[float]) -> int | None:
     return None
 
 
+def sweep_summary(confusions: np.ndarray, thresholds: Sequence[float], fixed_threshold: float) -> dict[str, Any]:
+    """Scores of a threshold sweep: per-threshold mIoU/IoU/precision/recall, the oracle and the fixed threshold.
+
+    Args:
+        confusions: ``(T, C+1, C+1)`` matrices for ``thresholds``, plus one more (last) for ``fixed_threshold``
+            when it is not among them.
+        thresholds: the sweep.
+        fixed_threshold: the method's default threshold (the headline number).
+    """
+    sweep = list(thresholds)
+    fixed_index = _match(fixed_threshold, sweep)
+    scores = [_scores(matrix) for matrix in confusions[: len(sweep)]]
+    miou = np.array([s["miou"] for s in scores])
+    best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else 0  # first best: lowest such tau
+    fixed_matrix = confusions[fixed_index if fixed_index is not None else len(sweep)]
+    summary = {
+        "thresholds": sweep,
+        "miou": _nan_to_none(miou),
+        "iou": [_nan_to_none(s["iou"]) for s in scores],
+        "precision": [_nan_to_none(s["precision"]) for s in scores],
+        "recall": [_nan_to_none(s["recall"]) for s in scores],
+        "confusion": np.asarray(confusions[: len(sweep)]).tolist(),
+        "best": _block(confusions[best], threshold=sweep[best], chosen=ORACLE_LABEL),
+        "fixed": _block(fixed_matrix, threshold=fixed_threshold, chosen=FIXED_LABEL, in_sweep=fixed_index is not None),
+    }
+    del summary["best"]["confusion"]  # the same as confusion[best]
+    return summary
+
+
 def evaluate_cam_folder(
     cams_dir: str | Path,
     root: str | Path,
@@ -410,23 +440,8 @@ def evaluate_cam_folder(
         "manifest": {key: value for key, value in manifest.items() if key != "images"},
     }
     if swept:
-        scores = [_scores(matrix) for matrix in sweep_total[: len(sweep)]]
-        miou = np.array([s["miou"] for s in scores])
-        best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else 0  # first best: lowest such tau
-        fixed_matrix = sweep_total[fixed_index if fixed_index is not None else len(sweep)]
-        result.update(
-            thresholds=sweep,
-            miou=_nan_to_none(miou),
-            iou=[_nan_to_none(s["iou"]) for s in scores],
-            precision=[_nan_to_none(s["precision"]) for s in scores],
-            recall=[_nan_to_none(s["recall"]) for s in scores],
-            confusion=sweep_total[: len(sweep)].tolist(),
-            num_images_swept=swept,
-            best=_block(sweep_total[best], threshold=sweep[best], chosen=ORACLE_LABEL),
-            fixed=_block(fixed_matrix, threshold=fixed_threshold, chosen=FIXED_LABEL,
-                         in_sweep=fixed_index is not None),
-        )
-        del result["best"]["confusion"]  # the same as confusion[best]
+        result.update(sweep_summary(sweep_total, sweep, fixed_threshold))
+        result["num_images_swept"] = swept
     else:
         result.update(thresholds=[], miou=[], iou=[], precision=[], recall=[], confusion=[],
                       num_images_swept=0, best=None, fixed=None,
@@ -447,7 +462,7 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
-def _markdown(result: dict[str, Any]) -> str:
+def sweep_markdown(result: dict[str, Any]) -> str:
     lines = [
         "# CAM evaluation",
         "",
@@ -506,7 +521,7 @@ def _markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(result: dict[str, Any], path: Path) -> None:
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
     """mIoU vs threshold with the fixed and oracle thresholds marked (Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -548,11 +563,11 @@ def write_reports(result: dict[str, Any], out_json: str | Path) -> dict[str, Pat
     text = json.dumps(result, indent=1, allow_nan=False)
     _replace_atomically(out_json, lambda p: p.write_text(text + "\n"))
     markdown = out_json.with_suffix(".md")
-    _replace_atomically(markdown, lambda p: p.write_text(_markdown(result)))
+    _replace_atomically(markdown, lambda p: p.write_text(sweep_markdown(result)))
     curve = None
     if result["thresholds"]:
         curve = out_json.with_suffix(".png")
-        _replace_atomically(curve, lambda p: _plot(result, p))
+        _replace_atomically(curve, lambda p: plot_sweep(result, p))
     return {"json": out_json, "markdown": markdown, "curve": curve}
 
 
@@ -657,3 +672,34 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+class ThresholdSweep(Metric):
+    """One confusion matrix per background threshold, accumulated in validation and summed across ranks.
+
+    ``update`` takes one image's CAMs (:func:`sweep_confusions`); ``compute`` returns the ``(T, C+1, C+1)``
+    matrices and the image count (reduced over ranks under DDP), ready for :func:`sweep_summary`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float]) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.thresholds = [float(t) for t in thresholds]
+        size = num_classes + 1
+        self.add_state(
+            "confusion", default=torch.zeros(len(self.thresholds), size, size, dtype=torch.long),
+            dist_reduce_fx="sum",
+        )
+        self.add_state("num_images", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, high_res: torch.Tensor, keys: torch.Tensor, target: torch.Tensor) -> None:
+        matrices = sweep_confusions(
+            high_res.detach().cpu(), keys.detach().cpu(), target.detach().cpu(), self.thresholds, self.num_classes
+        )
+        self.confusion += torch.from_numpy(matrices).to(self.confusion.device)
+        self.num_images += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"confusion": self.confusion.clone(), "num_images": self.num_images.clone()}

@@ -21,6 +21,12 @@ def config_args(data: str, method: str) -> list[str]:
     return args + ["--config", str(EXPERIMENTS / data / method)]
 
 
+def csv_logger(save_dir) -> str:
+    """Replace the experiment files' logger list (CSV + offline W&B) by a CSV logger under ``save_dir``."""
+    return '--trainer.logger=[{"class_path": "pytorch_lightning.loggers.CSVLogger", ' \
+        f'"init_args": {{"save_dir": "{save_dir}", "name": "cam"}}}}]'
+
+
 @pytest.fixture(autouse=True)
 def clean_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])  # LightningCLI warns about pytest's own arguments
@@ -77,7 +83,7 @@ def test_synthetic_fit_writes_a_checkpoint_with_its_protocol(tmp_path):
         "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
         "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",
         "--trainer.max_steps=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1",
-        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}", csv_logger(tmp_path),
     ])
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=True)
     protocol = checkpoint["protocol"]

@@ -95,13 +95,16 @@ class WSSSModule(pl.LightningModule):
         )
         self.backbone.freeze_levels(frozen_levels)
         self.configure_heads()
-        # background + foreground classes; CAMs are scored against masks with 255 ignored.
-        self.val_miou = MeanIoU(num_classes + 1)
+        self.configure_metrics()
         if init_weights is not None:
             self.load_state_dict(load_initial_state_dict(init_weights, self))
 
     def configure_heads(self) -> None:
         """Build the method's layers (everything outside ``self.backbone`` gets ``head_lr_mult``)."""
+
+    def configure_metrics(self) -> None:
+        """Validation metrics; ``val_miou`` counts background + foreground classes, 255 ignored."""
+        self.val_miou = MeanIoU(self.hparams.num_classes + 1)
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Named loss terms of one batch; the training loss is their sum."""

@@ -15,6 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_wsss.cams import DEFAULT_BG_THRESHOLD, DEFAULT_CAM_SCALES, CAMRecord, cams_to_mask, multiscale_cams
+from lit_wsss.evaluation import ThresholdSweep, sweep_summary
+
+#: protocol.md §5: the sweep logged next to the fixed 0.15.
+DEFAULT_SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 13))
 
 
 class CAMHeadMixin:
@@ -23,7 +27,10 @@ class CAMHeadMixin:
     Args:
         cam_scales: inference scales, each batched with its horizontal flip (protocol.md §4).
         cam_bg_threshold: constant background plane used to turn CAMs into the validation mask (IRN's
-            ``cam_eval_thres`` = 0.15, protocol.md §5).
+            ``cam_eval_thres`` = 0.15, protocol.md §5): the headline number, logged as ``val/mIoU``.
+        cam_sweep_thresholds: background thresholds also scored in validation (protocol.md §5: a sweep
+            0.05..0.60 is logged, IRN-style numbers are reported at 0.15). The best of them is logged as
+            ``val/mIoU_oracle``: chosen on the evaluation masks, so optimistic (pitfall P9).
         **kwargs: passed to :class:`~lit_wsss.modules.base.WSSSModule`.
     """
 
@@ -35,9 +42,18 @@ class CAMHeadMixin:
         self,
         cam_scales: Sequence[float] = DEFAULT_CAM_SCALES,
         cam_bg_threshold: float = DEFAULT_BG_THRESHOLD,
+        cam_sweep_thresholds: Sequence[float] = DEFAULT_SWEEP_THRESHOLDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.val_sweep_summary: dict[str, Any] | None = None
+
+    def configure_metrics(self) -> None:
+        super().configure_metrics()  # type: ignore[misc]
+        sweep = [float(t) for t in self.hparams.cam_sweep_thresholds]
+        fixed = float(self.hparams.cam_bg_threshold)
+        # the fixed threshold is scored too, as an extra last plane when it is not in the sweep
+        self.val_sweep = ThresholdSweep(self.hparams.num_classes, sweep + ([] if fixed in sweep else [fixed]))
 
     def configure_heads(self) -> None:
         self.classifier = nn.Conv2d(self.backbone.out_channels, self.hparams.num_classes, 1, bias=False)
@@ -86,6 +102,7 @@ class CAMHeadMixin:
             "resolution": "original image size (high_res); ceil(H/4) x ceil(W/4) (strided)",
             "bg_threshold": self.hparams.cam_bg_threshold,
             "threshold_chosen": "fixed",
+            "sweep_thresholds": list(self.hparams.cam_sweep_thresholds),
             "crf": False,
             "image_labels": "ground truth",
         }
@@ -100,4 +117,31 @@ class CAMHeadMixin:
             record = self.infer_cams(image[:, :height, :width], labels)
             prediction = cams_to_mask(record["high_res"], record["keys"], self.hparams.cam_bg_threshold)
             self.val_miou.update(prediction[None], mask[None, :height, :width].long())
+            self.val_sweep.update(record["high_res"], record["keys"], mask[:height, :width])
         self.log("val/mIoU", self.val_miou, prog_bar=True, batch_size=batch["image"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        """Scores of the threshold sweep (a collective call: every rank computes the same reduced matrices)."""
+        reduced = self.val_sweep.compute()
+        self.val_sweep.reset()
+        sweep = [float(t) for t in self.hparams.cam_sweep_thresholds]
+        summary = sweep_summary(reduced["confusion"].cpu().numpy(), sweep, float(self.hparams.cam_bg_threshold))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data = datamodule.protocol() if hasattr(datamodule, "protocol") else {}
+        summary.update(
+            num_images=int(reduced["num_images"]),
+            num_classes=self.hparams.num_classes,
+            class_names=["background", *self.class_names()],
+            cams=f"{type(self).__name__} validation CAMs, epoch {self.current_epoch}",
+            ground_truth=f"{data.get('val_list', 'val')} / {data.get('ground_truth', 'masks')}",
+        )
+        self.val_sweep_summary = summary
+        if summary["best"]["miou"] is not None:
+            self.log("val/mIoU_oracle", float(summary["best"]["miou"]), sync_dist=True)
+            self.log("val/threshold_oracle", float(summary["best"]["threshold"]), sync_dist=True)
+
+    def class_names(self) -> list[str]:
+        """Foreground class names from the DataModule (``class_<i>`` without one)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        return list(names) if names else [f"class_{i}" for i in range(self.hparams.num_classes)]
