@@ -67,6 +67,13 @@ def test_killed_dump_resumes_to_byte_identical_files(tmp_path):
     assert keys.dtype == np.int64 and high_res.dtype == np.float32 and high_res.shape[0] == len(keys)
     assert cam.shape[1:] == tuple(-(-s // 4) for s in high_res.shape[1:])
     assert manifest["images"][names[0][:-4]]["size"] == list(high_res.shape[1:])
+    # and the dump evaluates through the console script, ground truth from the synthetic VOC layout
+    result_file = tmp_path / "eval" / "synthetic.json"
+    subprocess.run([sys.executable, "-m", "lit_wsss", "eval-cam", "--cams", str(resumed), "--root", str(data),
+                    "--list", "val", "--num-classes", "4", "--out", str(result_file), "--no-progress"],
+                   check=True, env=run_env(), capture_output=True)
+    result = json.loads(result_file.read_text())
+    assert result["num_images"] == 24 and len(result["thresholds"]) == 21
 
 
 def make_datamodule(root):

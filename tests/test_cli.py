@@ -1,5 +1,6 @@
 """The one CLI: every experiment file parses, and the real VOC path trains with fast_dev_run."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -94,3 +95,29 @@ def test_synthetic_fit_writes_a_checkpoint_with_its_protocol(tmp_path):
     assert protocol["optimizer"]["effective_momentum"] == 1e-4
     assert 0 <= checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "ModelCheckpoint" in k)][
         "best_model_score"] <= 1
+
+
+def test_voc_mini_predict_then_eval_cam(shared_data, tmp_path):
+    """`lit-wsss predict` (CAM files) then `lit-wsss eval-cam` on real VOC images and official masks."""
+    mini = shared_data / "voc12-mini"
+    cams = tmp_path / "cams"
+    main([
+        "predict", *config_args("voc", "mini.yaml"), "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
+        "--data.init_args.root", str(mini),
+        "--data.init_args.predict_list", str(mini / "train.txt"),
+        "--data.init_args.cls_labels", str(shared_data / "voc12" / "cls_labels.npy"),
+        "--model.init_args.backbone", "resnet18", "--model.init_args.pretrained", "null",
+        "--model.init_args.cam_scales", "[1.0, 0.5]", "--trainer.accelerator", "cpu",
+        f"--trainer.callbacks.init_args.out_dir={cams}",
+    ])
+    assert sorted(p.stem for p in cams.glob("*.npz")) == sorted((mini / "train.txt").read_text().split())
+    out = tmp_path / "eval" / "result.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval-cam", "--cams", str(cams), "--root", str(mini), "--list", str(mini / "train.txt"),
+              "--thresholds", "0.0:0.6:0.03", "--out", str(out), "--no-progress"])
+    assert exit_info.value.code == 0
+    result = json.loads(out.read_text())
+    assert len(result["thresholds"]) == 21 and result["num_images"] == 4
+    assert result["fixed"]["threshold"] == 0.15 and result["fixed"]["chosen"] == "fixed"
+    assert result["best"]["miou"] >= result["fixed"]["miou"]
+    assert out.with_suffix(".md").is_file() and out.with_suffix(".png").is_file()
