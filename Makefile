@@ -13,7 +13,9 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 export WANDB_SILENT := true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all train validate
+.PHONY: help install demo test test-all train cams eval-cam validate
+OUT    ?= outputs/cams
+LIST   ?= val
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -36,6 +38,13 @@ test-all: install  ## every test, slow ones included
 
 train: install  ## make train METHOD=cam DATA=voc ARGS="--data.init_args.root ... --trainer.devices 4"
 	$(BIN)/lit-wsss fit $(CFG) $(ARGS)
+
+cams: install  ## make cams DATA=synth CKPT=path/last.ckpt OUT=outputs/cams  (CAM files + manifest; resumes)
+	$(BIN)/lit-wsss predict $(CFG) --config experiments/stages/predict_cams.yaml --ckpt_path $(CKPT) \
+	  --trainer.callbacks.init_args.out_dir $(OUT) $(ARGS)
+
+eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=val OUT=outputs/eval/cams.json
+	$(BIN)/lit-wsss eval-cam --cams $(CAMS) --root $(ROOT) --list $(LIST) --out $(OUT) $(ARGS)
 
 validate: install  ## make validate METHOD=cam DATA=voc ARGS="--ckpt_path ... --data.init_args.root ..."
 	$(BIN)/lit-wsss validate $(CFG) $(ARGS)
