@@ -42,9 +42,13 @@ from torchmetrics import Metric  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lit_wsss.cams import DEFAULT_BG_THRESHOLD  # noqa: E402
-from lit_wsss.datamodules.base import read_mask  # noqa: E402
+from lit_wsss.datamodules.base import (  # noqa: E402  # noqa: E402
+    find_mask_folder,
+    read_id_list,
+    read_mask,
+    resolve_list,
+)
 from lit_wsss.datamodules.labels import VOC_CLASSES  # noqa: E402
-from lit_wsss.datamodules.voc import read_id_list, resolve_list  # noqa: E402
 from lit_wsss.metrics import IGNORE_INDEX, iou_from_confusion, miou_from_confusion  # noqa: E402
 
 __all__ = [
@@ -59,7 +63,6 @@ __all__ = [
 ORACLE_LABEL = "oracle (best on these masks)"
 FIXED_LABEL = "fixed"
 ARGMAX_LABEL = "argmax over [bg, high_res] (no threshold)"
-GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
 
 
 # --------------------------------------------------------------------------------------------------- decoding
@@ -236,18 +239,6 @@ def _block(confusion: np.ndarray, **extra: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- folder
 
 
-def _ground_truth_folder(root: Path, mask_dir: str | Path | None) -> Path:
-    if mask_dir is not None:
-        for candidate in (Path(mask_dir), root / mask_dir):
-            if candidate.is_dir():
-                return candidate
-        raise FileNotFoundError(f"mask folder not found: {mask_dir} (also looked for {root / mask_dir})")
-    for name in GT_FOLDERS:
-        if (root / name).is_dir():
-            return root / name
-    raise FileNotFoundError(f"no {' or '.join(GT_FOLDERS)} folder under {root}")
-
-
 def _read_manifest(cams_dir: Path) -> dict[str, Any]:
     path = cams_dir / "manifest.json"
     if not path.is_file():
@@ -376,7 +367,7 @@ def evaluate_cam_folder(
         raise ValueError(f"the id list repeats {len(duplicates)} id(s), e.g. {duplicates[:5]}")
     if not cams_dir.is_dir():
         raise FileNotFoundError(f"CAM folder not found: {cams_dir}")
-    gt_dir = _ground_truth_folder(root, mask_dir)
+    gt_dir = find_mask_folder(root, mask_dir)
     manifest = _read_manifest(cams_dir)
     if fixed_threshold is None:  # CAMWriter writes "bg_threshold": null when the producer recorded none
         fixed_threshold = manifest.get("bg_threshold")

@@ -77,6 +77,24 @@ def read_id_list(path: Path) -> list[str]:
     return ids
 
 
+#: Ground-truth folders of a VOC-style root, in the order they are tried (protocol.md §1.1, §5).
+GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
+
+
+def find_mask_folder(root: Path, mask_dir: str | Path | None = None) -> Path:
+    """The ground-truth folder: ``mask_dir`` (a path, or a name under ``root``), or with ``None`` / ``"auto"``
+    the first of :data:`GT_FOLDERS` that exists under ``root``."""
+    if mask_dir is not None and str(mask_dir) != "auto":
+        for candidate in (Path(mask_dir), root / mask_dir):
+            if candidate.is_dir():
+                return candidate
+        raise FileNotFoundError(f"mask folder not found: {mask_dir} (also looked for {root / mask_dir})")
+    for name in GT_FOLDERS:
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"no {' or '.join(GT_FOLDERS)} folder under {root}")
+
+
 class SegmentationFolderDataset(Dataset):
     """Images + image-level labels (+ masks) of a list of ids in a VOC-style folder.
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule, read_id_list, resolve_list
+from lit_wsss.datamodules.base import (
+    SegmentationFolderDataset,
+    WSSSDataModule,
+    find_mask_folder,
+    read_id_list,
+    resolve_list,
+)
 from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
 
 
@@ -61,17 +67,8 @@ class VOCDataModule(WSSSDataModule):
         self._labels: dict | None = None
 
     def mask_folder(self) -> Path:
-        """The ground-truth folder actually used (resolving ``auto``)."""
-        name = self.mask_dir
-        if name == "auto":
-            for candidate in ("SegmentationClass", "SegmentationClassAug"):
-                if (self.root / candidate).is_dir():
-                    return self.root / candidate
-            raise FileNotFoundError(f"no SegmentationClass or SegmentationClassAug folder under {self.root}")
-        folder = self.root / name
-        if not folder.is_dir():
-            raise FileNotFoundError(f"mask folder not found: {folder} (data.mask_dir={name!r})")
-        return folder
+        """The ground-truth folder actually used (``auto``: SegmentationClass, else SegmentationClassAug)."""
+        return find_mask_folder(self.root, self.mask_dir)
 
     def _dataset(self, list_name: str, with_masks: bool, train: bool) -> SegmentationFolderDataset:
         list_path = resolve_list(self.root, list_name)
