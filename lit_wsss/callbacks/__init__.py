@@ -1,6 +1,6 @@
-"""Callbacks: CAM writer (predict), W&B media and tables."""
+"""Callbacks: prediction writers (CAMs, pseudo labels) and validation media (W&B / PNG)."""
 
 from lit_wsss.callbacks.cam_media import CAMMedia
-from lit_wsss.callbacks.cam_writer import CAMWriter
+from lit_wsss.callbacks.writer import CAMWriter, PseudoLabelWriter, ResumableWriter
 
-__all__ = ["CAMMedia", "CAMWriter"]
+__all__ = ["CAMMedia", "CAMWriter", "PseudoLabelWriter", "ResumableWriter"]

@@ -1,8 +1,15 @@
-"""``CAMWriter``: one ``<image_id>.npz`` of CAMs per image, written by ``lit-wsss predict`` (style.md P7).
+"""Prediction writers: one file (set) per image id, resumable, exactly once under DDP (style.md P7).
 
-File format (../shared/methods/protocol.md §12): ``keys`` int64 (K,) 0-based foreground class indices,
-``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods that
-predict their own background, ``bg`` float32 (H, W). Read with ``np.load(path, allow_pickle=False)``.
+``ResumableWriter`` holds everything but the file format; ``CAMWriter`` writes CAMs
+(``lit-wsss predict --config experiments/stages/predict_cams.yaml``), ``PseudoLabelWriter`` the IRN pseudo
+labels (``experiments/stages/pseudo_labels.yaml``).
+
+CAM files (../shared/methods/protocol.md §12): ``<id>.npz`` with ``keys`` int64 (K,) 0-based foreground class
+indices, ``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods
+that predict their own background, ``bg`` float32 (H, W). Pseudo labels: ``<id>.png`` (palette PNG, 0..C, 255)
+and ``<id>.npz`` with ``keys`` and ``scores`` (K, H, W) float16, the walked scores normalised by their global
+max, so the background threshold can be swept later without walking again. Read every ``.npz`` with
+``np.load(path, allow_pickle=False)``.
 
 Guarantees:
 * each file appears atomically (temporary name, then rename) and is byte-reproducible;
@@ -27,20 +34,26 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from lit_wsss.io import TMP_SUFFIX, npz_shapes, save_npz_atomic, write_json_atomic
+from lit_wsss.io import TMP_SUFFIX, npz_shapes, palette_png_bytes, save_npz_atomic, write_bytes_atomic, write_json_atomic
 
 CAM_ARRAYS = ("keys", "high_res", "cam", "bg")
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
 
 
-class CAMWriter(BasePredictionWriter):
-    """Write the records returned by a CAM method's ``predict_step`` to ``out_dir``.
+class ResumableWriter(BasePredictionWriter):
+    """Write the records of ``predict_step`` (dicts with ``image_id``) to ``out_dir``, one id at a time.
+
+    Subclasses define ``suffix`` (the file whose presence marks an id as finished; written last),
+    ``write_record`` and ``image_info`` (per-id manifest entry).
 
     Args:
-        out_dir: folder of ``<image_id>.npz`` files, ``manifest.json`` and ``run.json``.
+        out_dir: folder of the per-image files, ``manifest.json`` and ``run.json``.
         overwrite: recompute every id (files of an earlier producer are replaced) instead of resuming.
     """
+
+    suffix = ".npz"
+    stage = "predict"
 
     def __init__(self, out_dir: str, overwrite: bool = False) -> None:
         super().__init__(write_interval="batch")
@@ -64,7 +77,7 @@ class CAMWriter(BasePredictionWriter):
                 leftover.unlink()
         trainer.strategy.barrier()
         # Every rank lists the finished files before any rank writes a new one.
-        done = set() if self.overwrite else {p.stem for p in self.out_dir.glob("*.npz")}
+        done = set() if self.overwrite else {p.stem for p in self.out_dir.glob(f"*{self.suffix}")}
         trainer.strategy.barrier()
         todo = [image_id for image_id in self._all_ids if image_id not in done]
         if len(self._all_ids) < trainer.world_size:
@@ -89,6 +102,7 @@ class CAMWriter(BasePredictionWriter):
         for volatile in ("world_size", "accumulate_grad_batches", "effective_batch_size"):
             protocol.pop(volatile, None)  # resuming on another number of devices is fine
         return {
+            "stage": self.stage,
             "producer": type(pl_module).__name__,
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "hparams": {k: v for k, v in dict(pl_module.hparams).items()},
@@ -120,10 +134,18 @@ class CAMWriter(BasePredictionWriter):
         dataloader_idx: int = 0,
     ) -> None:
         for record in prediction:
-            arrays = {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record}
-            arrays["keys"] = arrays["keys"].astype(np.int64)
-            save_npz_atomic(self.out_dir / f"{record['image_id']}.npz", **arrays)
-            self._written[record["image_id"]] = list(arrays["high_res"].shape)
+            self.write_record(record)
+            self._written[record["image_id"]] = 1
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def image_info(self, image_id: str) -> dict[str, Any]:
+        """The manifest entry of a finished id (read back from its files)."""
+        raise NotImplementedError
+
+    def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
+        return {}
 
     # --- after predicting: shards -> manifest ------------------------------------------------------------
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -144,19 +166,15 @@ class CAMWriter(BasePredictionWriter):
                 raise RuntimeError(f"CAMs written twice under DDP: {sorted(duplicated)[:5]}")
             seen |= set(ids)
             written_by_rank[shard.stem.removeprefix("_shard_")] = len(ids)
-        missing = [i for i in self._all_ids if not (self.out_dir / f"{i}.npz").is_file()]
+        missing = [i for i in self._all_ids if not (self.out_dir / f"{i}{self.suffix}").is_file()]
         if missing:
-            raise RuntimeError(f"{len(missing)} CAM files missing after predict, e.g. {missing[:5]}")
-        images = {}
-        for image_id in self._all_ids:
-            shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
-            images[image_id] = {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
+            raise RuntimeError(f"{len(missing)} files missing after predict, e.g. {missing[:5]}")
+        images = {image_id: self.image_info(image_id) for image_id in self._all_ids}
         run = json.loads((self.out_dir / RUN_FILE).read_text())
-        cam_protocol = run.get("protocol", {}).get("cam", {})
         manifest = {
             **run,
-            "format": {name: "see lit_wsss.callbacks.cam_writer" for name in CAM_ARRAYS},
-            "bg_threshold": cam_protocol.get("bg_threshold"),
+            **self.manifest_extra(run),
+            "format": f"see {type(self).__module__}.{type(self).__name__}",
             "count": len(images),
             "written_this_run": len(seen),
             "written_by_rank": written_by_rank,
@@ -166,6 +184,49 @@ class CAMWriter(BasePredictionWriter):
         write_json_atomic(self.out_dir / MANIFEST, manifest)
         for shard in shards:
             shard.unlink()
+
+
+class CAMWriter(ResumableWriter):
+    """``<id>.npz`` CAM files (module docstring) from a CAM method's ``predict_step``."""
+
+    suffix = ".npz"
+    stage = "cams"
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        arrays = {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record}
+        arrays["keys"] = arrays["keys"].astype(np.int64)
+        save_npz_atomic(self.out_dir / f"{record['image_id']}.npz", **arrays)
+
+    def image_info(self, image_id: str) -> dict[str, Any]:
+        shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
+        return {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
+
+    def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
+        return {"bg_threshold": run.get("protocol", {}).get("cam", {}).get("bg_threshold")}
+
+
+class PseudoLabelWriter(ResumableWriter):
+    """``<id>.png`` pseudo labels + ``<id>.npz`` walked scores (module docstring) from ``IRN.predict_step``."""
+
+    suffix = ".png"
+    stage = "pseudo_labels"
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        image_id = record["image_id"]
+        save_npz_atomic(
+            self.out_dir / f"{image_id}.npz",
+            keys=_to_numpy(record["keys"]).astype(np.int64),
+            scores=_to_numpy(record["scores"]).astype(np.float16),
+        )
+        # the PNG marks the id as finished, so it is written last
+        write_bytes_atomic(self.out_dir / f"{image_id}.png", palette_png_bytes(_to_numpy(record["labels"])))
+
+    def image_info(self, image_id: str) -> dict[str, Any]:
+        shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
+        return {"num_classes": shapes["keys"][0], "size": list(shapes["scores"][1:])}
+
+    def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
+        return {"bg_threshold": run.get("protocol", {}).get("irn", {}).get("sem_seg_bg_threshold")}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
