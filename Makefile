@@ -13,9 +13,10 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 export WANDB_SILENT := true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all train cams eval-cam validate
+.PHONY: help install demo test test-all train cams eval-cam pipeline pipeline-mini validate
 OUT    ?= outputs/cams
 LIST   ?= val
+ROOT   ?= data/synthetic
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +46,14 @@ cams: install  ## make cams DATA=synth CKPT=path/last.ckpt OUT=outputs/cams  (CA
 
 eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=val OUT=outputs/eval/cams.json
 	$(BIN)/lit-wsss eval-cam --cams $(CAMS) --root $(ROOT) --list $(LIST) --out $(OUT) $(ARGS)
+
+pipeline: install  ## make pipeline DATA=synth METHOD=cam [ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
+	$(BIN)/lit-wsss pipeline --data $(DATA) --method $(METHOD) --root $(ROOT) --list $(LIST) $(ARGS)
+
+pipeline-mini: install  ## the whole chain on ../shared/data/voc12-mini (real VOC images, CPU)
+	$(BIN)/lit-wsss pipeline --data voc --method cam --root ../shared/data/voc12-mini \
+	  --list ../shared/data/voc12-mini/val.txt --out outputs/pipeline/voc12-mini \
+	  --cam-config experiments/voc/mini.yaml --cam-config experiments/voc/mini_cpu.yaml --irn-config experiments/voc/mini_irn.yaml $(ARGS)
 
 validate: install  ## make validate METHOD=cam DATA=voc ARGS="--ckpt_path ... --data.init_args.root ..."
 	$(BIN)/lit-wsss validate $(CFG) $(ARGS)

@@ -51,7 +51,11 @@ def run_cli(args: ArgsType = None) -> WSSSCLI:
 
 
 #: Subcommands that are not Trainer entry points: name -> (module, help).
-TOOLS = {"eval-cam": ("lit_wsss.evaluation", "evaluate a CAM folder over a sweep of background thresholds")}
+TOOLS = {
+    "eval-cam": ("lit_wsss.evaluation", "evaluate a CAM folder over a sweep of background thresholds"),
+    "ir-labels": ("lit_wsss.refine.ir_labels", "CAMs -> confident fg/bg seeds with dense CRF (IRN step 4)"),
+    "pipeline": ("lit_wsss.pipeline", "train CAM -> CAMs -> eval -> IR labels -> IRNet -> pseudo labels -> eval"),
+}
 
 
 def main(args: ArgsType = None) -> None:

@@ -15,11 +15,13 @@ METHOD_FILES = [(d, f.name) for d in DATA_SETS for f in sorted((EXPERIMENTS / d)
 TRAINER_FILES = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
 
 
+# Overlays (data-set variants) and the files they are layered on; every other file is a method.
+OVERLAYS = {"mini.yaml": ["cam.yaml"], "mini_cpu.yaml": ["cam.yaml", "mini.yaml"], "mini_irn.yaml": ["irn.yaml"]}
+
+
 def config_args(data: str, method: str) -> list[str]:
-    args = ["--config", str(EXPERIMENTS / data / "_base.yaml")]
-    if method != "cam.yaml":  # data-set overlays (e.g. voc/mini.yaml) sit on top of a method
-        args += ["--config", str(EXPERIMENTS / data / "cam.yaml")]
-    return args + ["--config", str(EXPERIMENTS / data / method)]
+    files = ["_base.yaml", *OVERLAYS.get(method, []), method]
+    return [arg for name in files for arg in ("--config", str(EXPERIMENTS / data / name))]
 
 
 def csv_logger(save_dir) -> str:

@@ -7,8 +7,8 @@ labels (``experiments/stages/pseudo_labels.yaml``).
 CAM files (../shared/methods/protocol.md §12): ``<id>.npz`` with ``keys`` int64 (K,) 0-based foreground class
 indices, ``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods
 that predict their own background, ``bg`` float32 (H, W). Pseudo labels: ``<id>.png`` (palette PNG, 0..C, 255)
-and ``<id>.npz`` with ``keys`` and ``scores`` (K, H, W) float16, the walked scores normalised by their global
-max, so the background threshold can be swept later without walking again. Read every ``.npz`` with
+and ``<id>.npz`` with ``keys`` and ``high_res`` (K, H, W) float16: the walked scores normalised by their global
+max, in the CAM layout, so ``lit-wsss eval-cam`` sweeps the background threshold without walking again. Read every ``.npz`` with
 ``np.load(path, allow_pickle=False)``.
 
 Guarantees:
@@ -216,14 +216,14 @@ class PseudoLabelWriter(ResumableWriter):
         save_npz_atomic(
             self.out_dir / f"{image_id}.npz",
             keys=_to_numpy(record["keys"]).astype(np.int64),
-            scores=_to_numpy(record["scores"]).astype(np.float16),
+            high_res=_to_numpy(record["high_res"]).astype(np.float16),
         )
         # the PNG marks the id as finished, so it is written last
         write_bytes_atomic(self.out_dir / f"{image_id}.png", palette_png_bytes(_to_numpy(record["labels"])))
 
     def image_info(self, image_id: str) -> dict[str, Any]:
         shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
-        return {"num_classes": shapes["keys"][0], "size": list(shapes["scores"][1:])}
+        return {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
 
     def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
         return {"bg_threshold": run.get("protocol", {}).get("irn", {}).get("sem_seg_bg_threshold")}

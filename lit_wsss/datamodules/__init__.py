@@ -2,7 +2,8 @@
 
 from lit_wsss.datamodules.base import WSSSDataModule
 from lit_wsss.datamodules.coco import COCODataModule
+from lit_wsss.datamodules.irn import IRNDataModule
 from lit_wsss.datamodules.synthetic import SyntheticVOCDataModule
 from lit_wsss.datamodules.voc import VOCDataModule
 
-__all__ = ["COCODataModule", "SyntheticVOCDataModule", "VOCDataModule", "WSSSDataModule"]
+__all__ = ["COCODataModule", "IRNDataModule", "SyntheticVOCDataModule", "VOCDataModule", "WSSSDataModule"]

@@ -167,6 +167,8 @@ def pad_collate(samples: list[dict[str, Any]]) -> Batch:
     }
     if "mask" in samples[0]:
         batch["mask"] = torch.stack([_pad(s["mask"], height, width, IGNORE_INDEX) for s in samples])
+    for key in samples[0].keys() - batch.keys():  # per-image extras of varying shape (e.g. CAMs) stay lists
+        batch[key] = [s[key] for s in samples]
     return batch  # type: ignore[return-value]
 
 

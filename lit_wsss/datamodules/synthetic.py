@@ -547,6 +547,7 @@ class SyntheticVOCDataModule(VOCDataModule):
         root: where the set is written (reused when complete with the same parameters).
         num_classes, num_train, num_val, image_size, context_class, context_prob, generator_seed:
             generator parameters (see :func:`generate_synthetic_voc`).
+        predict_list: split exported by ``lit-wsss predict`` (default ``val``).
         crop_size, resize_long, train_transform, batch_size, val_batch_size, num_workers:
             see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
     """
@@ -561,6 +562,7 @@ class SyntheticVOCDataModule(VOCDataModule):
         context_class: int | None = 3,
         context_prob: float = 0.9,
         generator_seed: int = 0,
+        predict_list: str | None = None,
         crop_size: int = 128,
         resize_long: tuple[int, int] = (96, 160),
         train_transform: str = "irn_cls",
@@ -569,7 +571,8 @@ class SyntheticVOCDataModule(VOCDataModule):
         num_workers: int = 2,
     ) -> None:
         super().__init__(
-            root=root, train_list="train", val_list="val", mask_dir="SegmentationClass", crop_size=crop_size,
+            root=root, train_list="train", val_list="val", predict_list=predict_list, mask_dir="SegmentationClass",
+            crop_size=crop_size,
             resize_long=resize_long, train_transform=train_transform, batch_size=batch_size,
             val_batch_size=val_batch_size, num_workers=num_workers,
         )

@@ -41,13 +41,34 @@ def irn_classification(crop_size: int = 512, resize_long: tuple[int, int] = (320
     )
 
 
+def irn_affinity(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
+    """IRNet training augmentation (``step/train_irn.py``, protocol.md §2): isotropic scale s ~ U(0.5, 1.5)
+    (image bicubic, IR label nearest), normalise, horizontal flip, random ``crop_size`` crop with image fill 0
+    and label fill 255. ``resize_long`` is unused (same signature as the other pipelines)."""
+    del resize_long
+    return A.Compose(
+        [
+            A.RandomScale(scale_limit=(-0.5, 0.5), interpolation=cv2.INTER_CUBIC,
+                          mask_interpolation=cv2.INTER_NEAREST, p=1.0),
+            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+            A.HorizontalFlip(p=0.5),
+            A.PadIfNeeded(
+                min_height=crop_size, min_width=crop_size, position="random",
+                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX,
+            ),
+            A.RandomCrop(height=crop_size, width=crop_size),
+            ToTensorV2(),
+        ]
+    )
+
+
 def inference(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
     """Full image at its original size, normalised (multi-scale happens in the model, protocol.md §4)."""
     del crop_size, resize_long  # same signature as the training pipelines
     return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0), ToTensorV2()])
 
 
-TRAIN_TRANSFORMS: dict[str, Callable[..., A.Compose]] = {"irn_cls": irn_classification}
+TRAIN_TRANSFORMS: dict[str, Callable[..., A.Compose]] = {"irn_cls": irn_classification, "irn_affinity": irn_affinity}
 
 
 def build_train_transform(name: str, crop_size: int, resize_long: tuple[int, int]) -> A.Compose:

@@ -3,5 +3,6 @@
 from lit_wsss.modules.base import WSSSModule
 from lit_wsss.modules.cam import CAM
 from lit_wsss.modules.cam_head import CAMHeadMixin
+from lit_wsss.modules.irn import IRN
 
-__all__ = ["CAM", "CAMHeadMixin", "WSSSModule"]
+__all__ = ["CAM", "CAMHeadMixin", "IRN", "WSSSModule"]

@@ -1,0 +1,138 @@
+"""Data of the IRN stages (../shared/methods/protocol.md §6): IR labels for training, CAMs for the random walk.
+
+Both inputs are producer folders with a ``manifest.json`` (style.md P8): ``ir_label_dir`` from
+``lit-wsss ir-labels`` and ``cam_dir`` from ``lit-wsss predict`` + ``CAMWriter``. Their manifests are read and
+checked, never a folder by convention.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lit_wsss.datamodules.base import SegmentationFolderDataset, read_id_list, resolve_list
+from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
+from lit_wsss.datamodules.voc import VOCDataModule
+
+
+def read_manifest(folder: Path, what: str) -> dict[str, Any]:
+    """``<folder>/manifest.json`` of a finished producer stage; a clear error when it is missing."""
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} not found; run the stage that produces {folder} first")
+    return json.loads(path.read_text())
+
+
+class CAMInputDataset(Dataset):
+    """Images (inference transform) plus each image's stride-4 CAMs and keys from a CAM folder."""
+
+    def __init__(self, images: SegmentationFolderDataset, cam_dir: Path) -> None:
+        self.images = images
+        self.cam_dir = cam_dir
+        self.image_ids = images.image_ids
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.images[index]
+        with np.load(self.cam_dir / f"{sample['image_id']}.npz", allow_pickle=False) as cams:
+            sample["cam"] = torch.from_numpy(cams["cam"].astype(np.float32))
+            sample["keys"] = torch.from_numpy(cams["keys"].astype(np.int64))
+        return sample
+
+    def select(self, keep: set[str]) -> CAMInputDataset:
+        return CAMInputDataset(self.images.select(keep), self.cam_dir)
+
+
+class IRNDataModule(VOCDataModule):
+    """VOC-layout images with IR labels (fit) or CAMs (predict) for :class:`~lit_wsss.modules.IRN`.
+
+    Args:
+        root: VOC-layout root of the images (and ``cls_labels``), as for :class:`VOCDataModule`.
+        ir_label_dir: output of ``lit-wsss ir-labels`` (training targets); its ids are the training list
+            unless ``train_list`` is given.
+        num_classes: foreground classes of the images' label file (VOC 20; the synthetic set fewer).
+        cam_dir: output of the CAM predict stage; its ids are the pseudo-label list unless ``predict_list``
+            is given. IRN walks the stride-4 ``cam`` arrays (pitfall P5).
+        crop_size: IRNet training crop (512); the path index is built for ``crop_size / 4``.
+        batch_size: IRN uses 32.
+        Other arguments: see :class:`VOCDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        ir_label_dir: str | None = None,
+        cam_dir: str | None = None,
+        train_list: str | None = None,
+        predict_list: str | None = None,
+        cls_labels: str | None = None,
+        num_classes: int = 20,
+        crop_size: int = 512,
+        batch_size: int = 32,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__(
+            root=root, train_list=train_list or "train", val_list="train", predict_list=predict_list,
+            cls_labels=cls_labels, crop_size=crop_size, train_transform="irn_affinity", batch_size=batch_size,
+            val_batch_size=val_batch_size, num_workers=num_workers,
+        )
+        self.num_classes = num_classes
+        self.class_names = VOC_CLASSES[:num_classes]
+        self.ir_label_dir = Path(ir_label_dir) if ir_label_dir else None
+        self.cam_dir = Path(cam_dir) if cam_dir else None
+        self._explicit_train_list = train_list
+        self._explicit_predict_list = predict_list
+
+    def _ids(self, explicit: str | None, manifest: dict[str, Any], folder: Path, suffix: str) -> tuple[list[str], Any]:
+        if explicit:
+            path = resolve_list(self.root, explicit)
+            return read_id_list(path), path
+        ids = manifest.get("ids") or sorted(manifest.get("images", {})) or sorted(p.stem for p in folder.glob(f"*{suffix}"))
+        return list(ids), folder / "manifest.json"
+
+    def setup(self, stage: str) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image root not found: {self.root} (data.root)")
+        if self._labels is None:
+            self._labels = load_cls_labels(self.cls_labels_path, self.num_classes)
+        if stage == "fit":
+            if self.ir_label_dir is None:
+                raise ValueError("IRN training needs data.init_args.ir_label_dir (output of `lit-wsss ir-labels`)")
+            manifest = read_manifest(self.ir_label_dir, "IR labels")
+            ids, source = self._ids(self._explicit_train_list, manifest, self.ir_label_dir, ".png")
+            images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
+            masks = [self.ir_label_dir / f"{i}.png" for i in ids]
+            self.train_dataset = self.folder_dataset(
+                ids, images, self._labels, train=True, mask_paths=masks, ids_source=source,
+                labels_source=self.cls_labels_path,
+            )
+        if stage == "predict":
+            if self.cam_dir is None:
+                raise ValueError("pseudo labels need data.init_args.cam_dir (output of the CAM predict stage)")
+            manifest = read_manifest(self.cam_dir, "CAMs")
+            ids, source = self._ids(self._explicit_predict_list, manifest, self.cam_dir, ".npz")
+            images = self.folder_dataset(
+                ids, [self.root / "JPEGImages" / f"{i}.jpg" for i in ids], self._labels, train=False,
+                ids_source=source, labels_source=self.cls_labels_path,
+            )
+            self.predict_dataset = CAMInputDataset(images, self.cam_dir)
+        if stage in ("validate", "test"):
+            raise ValueError("IRN is scored through its pseudo labels: run predict, then `lit-wsss eval-cam`-style "
+                             "evaluation of the label folder")
+
+    def protocol(self) -> dict[str, Any]:
+        record = super().protocol()
+        record.update(ir_label_dir=str(self.ir_label_dir), cam_dir=str(self.cam_dir))
+        for name, folder in (("ir_labels", self.ir_label_dir), ("cams", self.cam_dir)):
+            if folder is not None and (folder / "manifest.json").is_file():
+                upstream = json.loads((folder / "manifest.json").read_text())
+                record[f"{name}_producer"] = {k: upstream.get(k) for k in ("stage", "producer", "checkpoint")}
+        return record

@@ -1,0 +1,130 @@
+"""``lit-wsss pipeline``: the IRN chain as one command (../shared/methods/protocol.md, pipeline steps 1-7).
+
+train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels.
+
+Every stage is the ordinary CLI run (``lit-wsss fit/predict``, ``eval-cam``, ``ir-labels``) with its own output
+folder under ``--out``; each stage reads the manifest of the one before (style.md P8), so a stage can also be
+rerun by hand. Finished stages are skipped on a rerun (their manifest / checkpoint exists). One summary line
+per stage is printed, and ``<out>/pipeline.json`` collects them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lit_wsss.io import write_json_atomic
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def _configs(data: str, method: str, extra: list[str]) -> list[str]:
+    args = ["--config", str(EXPERIMENTS / data / "_base.yaml"), "--config", str(EXPERIMENTS / data / f"{method}.yaml")]
+    for path in extra:
+        args += ["--config", path]
+    return args
+
+
+def _fit(args: list[str], run_dir: Path) -> Path:
+    from lit_wsss.cli import run_cli
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    cli = run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
+                   "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
+                   f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]"])
+    del cli
+    if not last.is_file():
+        raise RuntimeError(f"training finished without {last}")
+    return last
+
+
+def _predict(args: list[str], out_dir: Path) -> None:
+    from lit_wsss.cli import run_cli
+
+    run_cli(["predict", *args, f"--trainer.callbacks.init_args.out_dir={out_dir}"])
+
+
+def _tool(module: str, argv: list[str]) -> None:
+    import importlib
+
+    code = importlib.import_module(module).main(argv)
+    if code:
+        raise RuntimeError(f"{module} {' '.join(argv)} failed with exit code {code}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lit-wsss pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="synth", help="experiments/<data>/ (synth or voc)")
+    parser.add_argument("--method", default="cam", help="the CAM method: experiments/<data>/<method>.yaml")
+    parser.add_argument("--cam-config", action="append", default=[], help="extra config for the CAM stages")
+    parser.add_argument("--irn-config", action="append", default=[], help="extra config for the IRNet stages")
+    parser.add_argument("--root", required=True, help="VOC-layout root of the images and masks")
+    parser.add_argument("--list", required=True, help="ids for CAMs, IR labels, IRNet, pseudo labels and eval")
+    parser.add_argument("--num-classes", type=int, default=20)
+    parser.add_argument("--out", default=None, help="default outputs/pipeline/<data>-<method>")
+    parser.add_argument("--workers", type=int, default=2, help="processes for the IR labels (CRF)")
+    parser.add_argument("--cam-args", default="", help="extra lit-wsss arguments for CAM training and export")
+    parser.add_argument("--irn-args", default="", help="extra lit-wsss arguments for IRNet training and inference")
+    args = parser.parse_args(argv)
+    out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
+    out.mkdir(parents=True, exist_ok=True)
+    data_args = [f"--data.init_args.root={args.root}"]
+    cam_args = _configs(args.data, args.method, args.cam_config) + data_args + shlex.split(args.cam_args)
+    irn_args = _configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
+    cams, ir_labels, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
+    summary: list[dict[str, Any]] = []
+
+    def stage(name: str, action: Any, result: Any = None) -> None:
+        start = time.perf_counter()
+        action()
+        record = {"stage": name, "seconds": round(time.perf_counter() - start, 1)}
+        if result is not None:
+            record.update(result())
+        summary.append(record)
+        print("pipeline | " + " | ".join(f"{k}: {v}" for k, v in record.items()), flush=True)
+        write_json_atomic(out / "pipeline.json", summary)
+
+    def miou(path: Path) -> dict[str, Any]:
+        result = json.loads(path.read_text())
+        fixed, best = result["fixed"], result["best"]
+        return {"mIoU": f"{100 * fixed['miou']:.2f} @ {fixed['threshold']:g} (fixed)",
+                "oracle": f"{100 * best['miou']:.2f} @ {best['threshold']:g}"}
+
+    checkpoints: dict[str, Path] = {}
+    evaluate = ["--root", args.root, "--list", args.list, "--num-classes", str(args.num_classes), "--no-progress"]
+    stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
+          lambda: {"checkpoint": str(checkpoints["cam"])})
+    stage("CAMs", lambda: _predict([*cam_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
+                                    f"--data.init_args.predict_list={args.list}",
+                                    f"--ckpt_path={checkpoints['cam']}"], cams),
+          lambda: {"files": len(list(cams.glob("*.npz")))})
+    stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate,
+                                                              "--out", str(out / "eval_cams.json")]),
+          lambda: miou(out / "eval_cams.json"))
+    stage("IR labels", lambda: _tool("lit_wsss.refine.ir_labels", [
+        "--cams", str(cams), "--root", args.root, "--list", args.list, "--out", str(ir_labels),
+        "--workers", str(args.workers), "--no-progress"]),
+          lambda: {"files": len(list(ir_labels.glob("*.png")))})
+    stage("train IRNet", lambda: checkpoints.update(irn=_fit(
+        [*irn_args, f"--data.init_args.ir_label_dir={ir_labels}"], out / "irn")),
+          lambda: {"checkpoint": str(checkpoints["irn"])})
+    stage("pseudo labels", lambda: _predict([
+        *irn_args, "--config", str(EXPERIMENTS / "stages" / "pseudo_labels.yaml"),
+        f"--data.init_args.cam_dir={cams}", f"--ckpt_path={checkpoints['irn']}"], pseudo),
+          lambda: {"files": len(list(pseudo.glob("*.png")))})
+    stage("eval pseudo labels", lambda: _tool("lit_wsss.evaluation", ["--cams", str(pseudo), *evaluate,
+                                                                       "--out", str(out / "eval_pseudo_labels.json")]),
+          lambda: miou(out / "eval_pseudo_labels.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Refinement of CAMs into pseudo labels (IRN path index, random walk)."""
