@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
           lambda: {"checkpoint": str(checkpoints["irn"])})
     stage("pseudo labels", lambda: _predict([
         *irn_args, "--config", str(EXPERIMENTS / "stages" / "pseudo_labels.yaml"),
-        f"--data.init_args.cam_dir={cams}", f"--ckpt_path={checkpoints['irn']}"], pseudo),
+        f"--data.init_args.cam_dir={cams}", f"--data.init_args.ir_label_dir={ir_labels}",
+        f"--ckpt_path={checkpoints['irn']}"], pseudo),
           lambda: {"files": len(list(pseudo.glob("*.png")))})
     stage("eval pseudo labels", lambda: _tool("lit_wsss.evaluation", ["--cams", str(pseudo), *evaluate,
                                                                        "--out", str(out / "eval_pseudo_labels.json")]),

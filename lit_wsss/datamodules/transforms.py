@@ -17,6 +17,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 
 
+def _normalise_flip_crop(crop_size: int) -> list:
+    """IRN's common tail: normalise BEFORE flip and crop, so that the zero padding equals the mean colour;
+    flip p=0.5; a random crop, smaller images placed at a random offset in a canvas (image 0, mask 255)."""
+    return [
+        A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
+        A.HorizontalFlip(p=0.5),
+        A.PadIfNeeded(
+            min_height=crop_size, min_width=crop_size, position="random",
+            border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX,
+        ),
+        A.RandomCrop(height=crop_size, width=crop_size),
+        ToTensorV2(),
+    ]
+
+
 def irn_classification(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
     """IRN classifier training augmentation (``voc12/dataloader.py``, protocol.md §2).
 
@@ -26,19 +41,8 @@ def irn_classification(crop_size: int = 512, resize_long: tuple[int, int] = (320
     (mask padding 255). No colour jitter. Deviation: OpenCV bicubic instead of PIL bicubic.
     """
     low, high = resize_long
-    return A.Compose(
-        [
-            A.LongestMaxSize(max_size=list(range(low, high + 1)), interpolation=cv2.INTER_CUBIC),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
-            A.HorizontalFlip(p=0.5),
-            A.PadIfNeeded(
-                min_height=crop_size, min_width=crop_size, position="random",
-                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX,
-            ),
-            A.RandomCrop(height=crop_size, width=crop_size),
-            ToTensorV2(),
-        ]
-    )
+    resize = A.LongestMaxSize(max_size=list(range(low, high + 1)), interpolation=cv2.INTER_CUBIC)
+    return A.Compose([resize, *_normalise_flip_crop(crop_size)])
 
 
 def irn_affinity(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
@@ -46,20 +50,10 @@ def irn_affinity(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)
     (image bicubic, IR label nearest), normalise, horizontal flip, random ``crop_size`` crop with image fill 0
     and label fill 255. ``resize_long`` is unused (same signature as the other pipelines)."""
     del resize_long
-    return A.Compose(
-        [
-            A.RandomScale(scale_limit=(-0.5, 0.5), interpolation=cv2.INTER_CUBIC,
-                          mask_interpolation=cv2.INTER_NEAREST, p=1.0),
-            A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0),
-            A.HorizontalFlip(p=0.5),
-            A.PadIfNeeded(
-                min_height=crop_size, min_width=crop_size, position="random",
-                border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX,
-            ),
-            A.RandomCrop(height=crop_size, width=crop_size),
-            ToTensorV2(),
-        ]
+    scale = A.RandomScale(
+        scale_limit=(-0.5, 0.5), interpolation=cv2.INTER_CUBIC, mask_interpolation=cv2.INTER_NEAREST, p=1.0
     )
+    return A.Compose([scale, *_normalise_flip_crop(crop_size)])
 
 
 def inference(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
