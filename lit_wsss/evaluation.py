@@ -49,6 +49,7 @@ from lit_wsss.datamodules.base import (  # noqa: E402  # noqa: E402
     resolve_list,
 )
 from lit_wsss.datamodules.labels import VOC_CLASSES  # noqa: E402
+from lit_wsss.io import read_manifest  # noqa: E402
 from lit_wsss.metrics import IGNORE_INDEX, iou_from_confusion, miou_from_confusion  # noqa: E402
 
 __all__ = [
@@ -240,22 +241,16 @@ def _block(confusion: np.ndarray, **extra: Any) -> dict[str, Any]:
 
 
 def _read_manifest(cams_dir: Path) -> dict[str, Any]:
+    """The CAM folder's manifest (``{}`` without one), its ``bg_threshold`` checked."""
     path = cams_dir / "manifest.json"
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read CAM manifest {path}: {error}") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"CAM manifest {path} is not a JSON object")
+    manifest = read_manifest(cams_dir, "CAMs")
     threshold = manifest.get("bg_threshold")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
         raise ValueError(f"CAM manifest {path}: bg_threshold must be a number or null, got {threshold!r}")
     return manifest
 
 
-def _load_cam_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def load_cam_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``keys``, ``high_res`` and (optional) ``bg`` of one CAM file; ``cam`` is not read."""
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -402,7 +397,7 @@ def evaluate_cam_folder(
     for image_id, cam_path, mask_path in tqdm(
         list(zip(ids, cam_paths, mask_paths)), desc="eval-cam", unit="img", disable=not progress
     ):
-        keys, high_res, bg = _load_cam_file(cam_path)
+        keys, high_res, bg = load_cam_file(cam_path)
         if high_res.ndim != 3:
             raise ValueError(f"CAM file {cam_path}: high_res must be (K, H, W), got shape {high_res.shape}")
         try:

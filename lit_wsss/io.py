@@ -80,3 +80,23 @@ def npz_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 def write_json_atomic(path: str | Path, payload: Any) -> None:
     """JSON under a temporary name, then renamed into place."""
     write_bytes_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_manifest(folder: str | Path, what: str = "", required: bool = False) -> dict[str, Any]:
+    """``<folder>/manifest.json`` of a producer stage (style.md P8).
+
+    Returns ``{}`` for a folder without one unless ``required``, in which case the error names the file and
+    the stage (``what``) that produces it. A file that is not a JSON object is an error naming it.
+    """
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{what or 'manifest'}: {path} not found; run the stage that produces {folder} first")
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read manifest {path}: {error}") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest {path} is not a JSON object")
+    return manifest

@@ -34,7 +34,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from lit_wsss.io import TMP_SUFFIX, npz_shapes, palette_png_bytes, save_npz_atomic, write_bytes_atomic, write_json_atomic
+from lit_wsss.io import (
+    TMP_SUFFIX,
+    npz_shapes,
+    palette_png_bytes,
+    save_npz_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 CAM_ARRAYS = ("keys", "high_res", "cam", "bg")
 MANIFEST = "manifest.json"

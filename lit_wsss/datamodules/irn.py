@@ -7,7 +7,6 @@ checked, never a folder by convention.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +17,7 @@ from torch.utils.data import Dataset
 from lit_wsss.datamodules.base import SegmentationFolderDataset, read_id_list, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
 from lit_wsss.datamodules.voc import VOCDataModule
-
-
-def read_manifest(folder: Path, what: str) -> dict[str, Any]:
-    """``<folder>/manifest.json`` of a finished producer stage; a clear error when it is missing."""
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} not found; run the stage that produces {folder} first")
-    return json.loads(path.read_text())
+from lit_wsss.io import read_manifest
 
 
 class CAMInputDataset(Dataset):
@@ -106,7 +98,7 @@ class IRNDataModule(VOCDataModule):
         if stage == "fit":
             if self.ir_label_dir is None:
                 raise ValueError("IRN training needs data.init_args.ir_label_dir (output of `lit-wsss ir-labels`)")
-            manifest = read_manifest(self.ir_label_dir, "IR labels")
+            manifest = read_manifest(self.ir_label_dir, "IR labels", required=True)
             ids, source = self._ids(self._explicit_train_list, manifest, self.ir_label_dir, ".png")
             images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
             masks = [self.ir_label_dir / f"{i}.png" for i in ids]
@@ -117,7 +109,7 @@ class IRNDataModule(VOCDataModule):
         if stage == "predict":
             if self.cam_dir is None:
                 raise ValueError("pseudo labels need data.init_args.cam_dir (output of the CAM predict stage)")
-            manifest = read_manifest(self.cam_dir, "CAMs")
+            manifest = read_manifest(self.cam_dir, "CAMs", required=True)
             ids, source = self._ids(self._explicit_predict_list, manifest, self.cam_dir, ".npz")
             images = self.folder_dataset(
                 ids, [self.root / "JPEGImages" / f"{i}.jpg" for i in ids], self._labels, train=False,
@@ -132,7 +124,7 @@ class IRNDataModule(VOCDataModule):
         record = super().protocol()
         record.update(ir_label_dir=str(self.ir_label_dir), cam_dir=str(self.cam_dir))
         for name, folder in (("ir_labels", self.ir_label_dir), ("cams", self.cam_dir)):
-            if folder is not None and (folder / "manifest.json").is_file():
-                upstream = json.loads((folder / "manifest.json").read_text())
+            upstream = read_manifest(folder) if folder is not None else {}
+            if upstream:
                 record[f"{name}_producer"] = {k: upstream.get(k) for k in ("stage", "producer", "checkpoint")}
         return record

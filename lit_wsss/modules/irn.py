@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_wsss.cams import cams_to_mask
 from lit_wsss.losses.irn import irn_loss
 from lit_wsss.modules.base import WSSSModule
-from lit_wsss.cams import cams_to_mask
 from lit_wsss.refine.path_index import PathIndex, affinity_labels
 from lit_wsss.refine.random_walk import random_walk, walk_scores
 

@@ -67,8 +67,14 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lit_wsss.datamodules.base import read_id_list, read_rgb, resolve_list  # noqa: E402
-from lit_wsss.evaluation import _load_cam_file, _read_manifest  # noqa: E402
-from lit_wsss.io import TMP_SUFFIX, palette_png_bytes, write_bytes_atomic, write_json_atomic  # noqa: E402
+from lit_wsss.evaluation import load_cam_file  # noqa: E402
+from lit_wsss.io import (  # noqa: E402
+    TMP_SUFFIX,
+    palette_png_bytes,
+    read_manifest,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 __all__ = [
     "CONVENTIONS",
@@ -310,7 +316,7 @@ def _process(job: _Job, image_id: str) -> str:
     """Read one CAM file and its image, write ``<out>/<id>.png``; errors name the files."""
     cam_path = Path(job.cams_dir) / f"{image_id}.npz"
     image_path = Path(job.image_dir) / f"{image_id}.jpg"
-    keys, high_res, bg = _load_cam_file(cam_path)
+    keys, high_res, bg = load_cam_file(cam_path)
     if high_res.ndim != 3:
         raise ValueError(f"CAM file {cam_path}: high_res must be (K, H, W), got shape {high_res.shape}")
     image = read_rgb(image_path)
@@ -408,7 +414,7 @@ def make_ir_labels(
         if not (image_dir / f"{image_id}.jpg").is_file():
             raise FileNotFoundError(f"no image for id {image_id!r}: {image_dir}/{image_id}.jpg is missing")
 
-    cams_manifest = {k: v for k, v in _read_manifest(cams_dir).items() if k != "images"}
+    cams_manifest = {k: v for k, v in read_manifest(cams_dir).items() if k != "images"}
     manifest: dict[str, Any] = {
         "stage": STAGE,
         "cams": str(cams_dir.resolve()),
