@@ -216,7 +216,7 @@ class PseudoLabelWriter(ResumableWriter):
     """``<id>.png`` pseudo labels + ``<id>.npz`` walked scores (module docstring) from ``IRN.predict_step``."""
 
     suffix = ".png"
-    stage = "pseudo_labels"
+    stage = "pseudo-labels"
 
     def write_record(self, record: dict[str, Any]) -> None:
         image_id = record["image_id"]
