@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lit_wsss.io import write_json_atomic
+from lit_wsss.io import read_manifest, write_json_atomic
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--irn-config", action="append", default=[], help="extra config for the IRNet stages")
     parser.add_argument("--root", required=True, help="VOC-layout root of the images and masks")
     parser.add_argument("--list", required=True, help="ids for CAMs, IR labels, IRNet, pseudo labels and eval")
-    parser.add_argument("--num-classes", type=int, default=20)
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="foreground classes for evaluation (default: the CAM model's, from its manifest)")
     parser.add_argument("--out", default=None, help="default outputs/pipeline/<data>-<method>")
     parser.add_argument("--workers", type=int, default=2, help="processes for the IR labels (CRF)")
     parser.add_argument("--cam-args", default="", help="extra lit-wsss arguments for CAM training and export")
@@ -99,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
                 "oracle": f"{100 * best['miou']:.2f} @ {best['threshold']:g}"}
 
     checkpoints: dict[str, Path] = {}
-    evaluate = ["--root", args.root, "--list", args.list, "--num-classes", str(args.num_classes), "--no-progress"]
+    evaluate = ["--root", args.root, "--list", args.list, "--no-progress"]
+
+    def num_classes() -> list[str]:
+        count = args.num_classes or read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]
+        return ["--num-classes", str(count)]
+
     stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
           lambda: {"checkpoint": str(checkpoints["cam"])})
     stage("CAMs", lambda: _predict([*cam_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
                                     f"--data.init_args.predict_list={args.list}",
                                     f"--ckpt_path={checkpoints['cam']}"], cams),
           lambda: {"files": len(list(cams.glob("*.npz")))})
-    stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate,
+    stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate, *num_classes(),
                                                               "--out", str(out / "eval_cams.json")]),
           lambda: miou(out / "eval_cams.json"))
     stage("IR labels", lambda: _tool("lit_wsss.refine.ir_labels", [
@@ -121,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--data.init_args.cam_dir={cams}", f"--data.init_args.ir_label_dir={ir_labels}",
         f"--ckpt_path={checkpoints['irn']}"], pseudo),
           lambda: {"files": len(list(pseudo.glob("*.png")))})
-    stage("eval pseudo labels", lambda: _tool("lit_wsss.evaluation", ["--cams", str(pseudo), *evaluate,
+    stage("eval pseudo labels", lambda: _tool("lit_wsss.evaluation", ["--cams", str(pseudo), *evaluate, *num_classes(),
                                                                        "--out", str(out / "eval_pseudo_labels.json")]),
           lambda: miou(out / "eval_pseudo_labels.json"))
     return 0

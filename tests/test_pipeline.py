@@ -17,7 +17,7 @@ def test_pipeline_runs_every_stage(tmp_path, monkeypatch, capsys):
     data = f"--data.init_args.root={root} --data.init_args.num_workers=0 --data.init_args.batch_size=4"
     common = "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null --trainer.max_steps=2"
     code = main([
-        "--data", "synth", "--method", "cam", "--root", str(root), "--list", "val", "--num-classes", "4",
+        "--data", "synth", "--method", "cam", "--root", str(root), "--list", "val",
         "--out", str(tmp_path / "run"), "--workers", "1",
         "--cam-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
                       f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
@@ -31,6 +31,7 @@ def test_pipeline_runs_every_stage(tmp_path, monkeypatch, capsys):
                       "eval pseudo labels"]
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert "mIoU" in summary[2] and "mIoU" in summary[-1]
+    assert json.loads((tmp_path / "run" / "eval_cams.json").read_text())["num_classes"] == 4  # from the manifest
     run = tmp_path / "run"
     assert len(list((run / "pseudo_labels").glob("*.png"))) == 4
     ir_manifest = json.loads((run / "ir_labels" / "manifest.json").read_text())
