@@ -36,10 +36,9 @@ def _fit(args: list[str], run_dir: Path) -> Path:
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
-    cli = run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
+    run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
                    "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
                    f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]"])
-    del cli
     if not last.is_file():
         raise RuntimeError(f"training finished without {last}")
     return last

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lit_wsss.datamodules.base import SegmentationFolderDataset, read_id_list, resolve_list
-from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
+from lit_wsss.datamodules.labels import VOC_CLASSES
 from lit_wsss.datamodules.voc import VOCDataModule
 from lit_wsss.io import read_manifest
 
@@ -83,42 +83,35 @@ class IRNDataModule(VOCDataModule):
         self._explicit_train_list = train_list
         self._explicit_predict_list = predict_list
 
-    def _ids(self, explicit: str | None, manifest: dict[str, Any], folder: Path, suffix: str) -> tuple[list[str], Any]:
+    def _ids(self, explicit: str | None, manifest: dict[str, Any], folder: Path) -> tuple[list[str], Any]:
+        """An explicit list, else the ids the producer's manifest lists (``ids`` or ``images``)."""
         if explicit:
             path = resolve_list(self.root, explicit)
             return read_id_list(path), path
-        ids = manifest.get("ids") or sorted(manifest.get("images", {})) or sorted(p.stem for p in folder.glob(f"*{suffix}"))
+        ids = manifest.get("ids") or sorted(manifest.get("images", {}))
+        if not ids:
+            raise ValueError(f"{folder / 'manifest.json'} lists no ids (neither 'ids' nor 'images')")
         return list(ids), folder / "manifest.json"
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(f"image root not found: {self.root} (data.root)")
-        if self._labels is None:
-            self._labels = load_cls_labels(self.cls_labels_path, self.num_classes)
         if stage == "fit":
             if self.ir_label_dir is None:
                 raise ValueError("IRN training needs data.init_args.ir_label_dir (output of `lit-wsss ir-labels`)")
             manifest = read_manifest(self.ir_label_dir, "IR labels", required=True)
-            ids, source = self._ids(self._explicit_train_list, manifest, self.ir_label_dir, ".png")
-            images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
+            ids, source = self._ids(self._explicit_train_list, manifest, self.ir_label_dir)
             masks = [self.ir_label_dir / f"{i}.png" for i in ids]
-            self.train_dataset = self.folder_dataset(
-                ids, images, self._labels, train=True, mask_paths=masks, ids_source=source,
-                labels_source=self.cls_labels_path,
-            )
+            self.train_dataset = self.voc_dataset(ids, source, train=True, mask_paths=masks)
         if stage == "predict":
             if self.cam_dir is None:
                 raise ValueError("pseudo labels need data.init_args.cam_dir (output of the CAM predict stage)")
             manifest = read_manifest(self.cam_dir, "CAMs", required=True)
-            ids, source = self._ids(self._explicit_predict_list, manifest, self.cam_dir, ".npz")
-            images = self.folder_dataset(
-                ids, [self.root / "JPEGImages" / f"{i}.jpg" for i in ids], self._labels, train=False,
-                ids_source=source, labels_source=self.cls_labels_path,
-            )
-            self.predict_dataset = CAMInputDataset(images, self.cam_dir)
+            ids, source = self._ids(self._explicit_predict_list, manifest, self.cam_dir)
+            self.predict_dataset = CAMInputDataset(self.voc_dataset(ids, source, train=False), self.cam_dir)
         if stage in ("validate", "test"):
-            raise ValueError("IRN is scored through its pseudo labels: run predict, then `lit-wsss eval-cam`-style "
-                             "evaluation of the label folder")
+            raise ValueError("IRN is scored through its pseudo labels: run predict with "
+                             "experiments/stages/pseudo_labels.yaml, then `lit-wsss eval-cam` on that folder")
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()

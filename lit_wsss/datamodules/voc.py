@@ -70,20 +70,30 @@ class VOCDataModule(WSSSDataModule):
         """The ground-truth folder actually used (``auto``: SegmentationClass, else SegmentationClassAug)."""
         return find_mask_folder(self.root, self.mask_dir)
 
+    def image_labels(self) -> dict:
+        """The image-level labels, read once."""
+        if self._labels is None:
+            self._labels = load_cls_labels(self.cls_labels_path, self.num_classes)
+        return self._labels
+
+    def voc_dataset(
+        self, ids: list[str], ids_source: Any, train: bool, mask_paths: list[Path] | None = None
+    ) -> SegmentationFolderDataset:
+        """``ids`` of ``<root>/JPEGImages`` with their labels (and masks), checked by ``folder_dataset``."""
+        images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
+        return self.folder_dataset(
+            ids, images, self.image_labels(), train=train, mask_paths=mask_paths, ids_source=ids_source,
+            labels_source=self.cls_labels_path,
+        )
+
     def _dataset(self, list_name: str, with_masks: bool, train: bool) -> SegmentationFolderDataset:
         list_path = resolve_list(self.root, list_name)
         ids = read_id_list(list_path)
-        if self._labels is None:
-            self._labels = load_cls_labels(self.cls_labels_path, self.num_classes)
         masks = None
         if with_masks:
             folder = self.mask_folder()
             masks = [folder / f"{i}.png" for i in ids]
-        images = [self.root / "JPEGImages" / f"{i}.jpg" for i in ids]
-        return self.folder_dataset(
-            ids, images, self._labels, train=train, mask_paths=masks, ids_source=list_path,
-            labels_source=self.cls_labels_path,
-        )
+        return self.voc_dataset(ids, list_path, train, masks)
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir():
