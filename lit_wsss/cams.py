@@ -7,8 +7,8 @@ and §5, pitfall P3). They are shared by every method and by the CAM writer / ev
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TypedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import NotRequired, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,31 @@ class CAMRecord(TypedDict):
     keys: Tensor  # (K,) int64, 0-based foreground class indices of the present classes
     cam: Tensor  # (K, ceil(H/4), ceil(W/4)) float32 in [0, 1)
     high_res: Tensor  # (K, H, W) float32 in [0, 1)
+    bg: NotRequired[Tensor]  # (H, W): only methods with their own background (SIPE), protocol.md §5 table
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
     """IRN's ``pil_rescale`` size: ``round(H*s), round(W*s)`` with numpy's half-to-even rounding."""
     return int(round(height * scale)), int(round(width * scale))
+
+
+def scaled_flip_pairs(image: Tensor, scales: Sequence[float] = DEFAULT_CAM_SCALES) -> Iterator[Tensor]:
+    """For each scale, the rescaled image batched with its horizontal flip: ``(2, 3, round(H*s), round(W*s))``.
+
+    IRN rescales the uint8 image with PIL bicubic before normalising; here the normalised ``(3, H, W)`` tensor
+    is rescaled with antialiased bicubic interpolation (torch's PIL-matching mode). Normalisation is affine
+    per channel, so the two differ only by PIL's uint8 rounding and clipping. Scale 1 is the image itself.
+    """
+    height, width = image.shape[-2:]
+    for scale in scales:
+        if scale == 1.0:
+            scaled = image[None]
+        else:
+            scaled = F.interpolate(
+                image[None], size=scaled_size(height, width, scale), mode="bicubic", align_corners=False,
+                antialias=True,
+            )
+        yield torch.cat([scaled, scaled.flip(-1)], dim=0)
 
 
 @torch.no_grad()
@@ -56,9 +76,7 @@ def multiscale_cams(
         (summed at the 16-multiple padded size, then cropped to ``H x W``), each channel divided by its
         spatial max + 1e-5. Scales are summed, not averaged: the max-normalisation removes the scale.
 
-    Deviation: IRN rescales the uint8 image with PIL bicubic before normalising; here the normalised tensor
-    is rescaled with antialiased bicubic interpolation (torch's PIL-matching mode). Normalisation is affine
-    per channel, so the two differ only by PIL's uint8 rounding and clipping.
+    Deviation: the rescaling of :func:`scaled_flip_pairs`.
     """
     if image.dim() == 4:
         image = image[0]
@@ -68,15 +86,7 @@ def multiscale_cams(
     keys = keys.to(device=image.device, dtype=torch.long)
     strided = image.new_zeros((len(keys), *strided_size))
     high_res = image.new_zeros((len(keys), *padded_size))
-    for scale in scales:
-        if scale == 1.0:
-            scaled = image[None]
-        else:
-            scaled = F.interpolate(
-                image[None], size=scaled_size(height, width, scale), mode="bicubic", align_corners=False,
-                antialias=True,
-            )
-        pair = torch.cat([scaled, scaled.flip(-1)], dim=0)
+    for pair in scaled_flip_pairs(image, scales):
         cams = cam_fn(pair)[:, keys].float()
         cams = cams[0] + cams[1].flip(-1)
         strided += F.interpolate(cams[None], strided_size, mode="bilinear", align_corners=False)[0]
@@ -87,16 +97,20 @@ def multiscale_cams(
     return CAMRecord(keys=keys, cam=strided, high_res=high_res)
 
 
-def cams_to_mask(high_res: Tensor, keys: Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD) -> Tensor:
-    """Segmentation mask from foreground CAMs with a constant background plane (IRN ``eval_cam.py``).
+def cams_to_mask(
+    high_res: Tensor, keys: Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD, bg: Tensor | None = None
+) -> Tensor:
+    """Segmentation mask from foreground CAMs and a background plane (IRN ``eval_cam.py``).
 
     ``argmax([tau, cam_1..K])`` over channels, mapped through ``(0, keys + 1)``: 0 is background and
-    class ``k`` becomes segmentation id ``k + 1`` (protocol.md §5).
+    class ``k`` becomes segmentation id ``k + 1`` (protocol.md §5). A method that predicts its own background
+    (SIPE's IS-CAM, sipe.md §5.2) passes it as ``bg``: the plain argmax over ``[bg, cam_1..K]``, no threshold.
 
     Args:
         high_res: ``(K, H, W)`` CAMs in [0, 1].
         keys: ``(K,)`` 0-based foreground class indices.
-        bg_threshold: the background plane ``tau``.
+        bg_threshold: the constant background plane ``tau`` (ignored when ``bg`` is given).
+        bg: ``(H, W)`` explicit background map, or ``None`` for the constant plane.
 
     Returns:
         ``(H, W)`` int64 mask of segmentation ids.
@@ -106,4 +120,5 @@ def cams_to_mask(high_res: Tensor, keys: Tensor, bg_threshold: float = DEFAULT_B
     # Same result as argmax over the stacked planes (background first wins ties, then the first class),
     # without materialising the (K+1, H, W) stack: torch's CPU argmax over dim 0 is ~20x slower.
     values, index = high_res.max(dim=0)
-    return torch.where(values > bg_threshold, keys.to(device=high_res.device, dtype=torch.long)[index] + 1, 0)
+    plane = bg_threshold if bg is None else bg.to(values)
+    return torch.where(values > plane, keys.to(device=high_res.device, dtype=torch.long)[index] + 1, 0)

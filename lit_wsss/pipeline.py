@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes for the IR labels (CRF)")
     parser.add_argument("--cam-args", default="", help="extra lit-wsss arguments for CAM training and export")
     parser.add_argument("--irn-args", default="", help="extra lit-wsss arguments for IRNet training and inference")
+    parser.add_argument("--ir-args", default="",
+                        help="extra ir-labels arguments, e.g. '--fg 0.5 --bg 0.2' (the background convention is "
+                             "read from the CAM manifest)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def miou(path: Path) -> dict[str, Any]:
         result = json.loads(path.read_text())
+        if result.get("mode") == "bg_argmax":  # the method's own background (SIPE): no threshold
+            return {"mIoU": f"{100 * result['bg_argmax']['miou']:.2f} (argmax with the exported bg)"}
         fixed, best = result["fixed"], result["best"]
         return {"mIoU": f"{100 * fixed['miou']:.2f} @ {fixed['threshold']:g} (fixed)",
                 "oracle": f"{100 * best['miou']:.2f} @ {best['threshold']:g}"}
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
           lambda: miou(out / "eval_cams.json"))
     stage("IR labels", lambda: _tool("lit_wsss.refine.ir_labels", [
         "--cams", str(cams), "--root", args.root, "--list", args.list, "--out", str(ir_labels),
-        "--workers", str(args.workers), "--no-progress"]),
+        "--workers", str(args.workers), "--no-progress", *shlex.split(args.ir_args)]),
           lambda: {"files": len(list(ir_labels.glob("*.png")))})
     stage("train IRNet", lambda: checkpoints.update(irn=_fit(
         [*irn_args, f"--data.init_args.ir_label_dir={ir_labels}"], out / "irn")),

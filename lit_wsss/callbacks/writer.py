@@ -220,11 +220,11 @@ class PseudoLabelWriter(ResumableWriter):
 
     def write_record(self, record: dict[str, Any]) -> None:
         image_id = record["image_id"]
-        save_npz_atomic(
-            self.out_dir / f"{image_id}.npz",
-            keys=_to_numpy(record["keys"]).astype(np.int64),
-            high_res=_to_numpy(record["high_res"]).astype(np.float16),
-        )
+        arrays = {"keys": _to_numpy(record["keys"]).astype(np.int64),
+                  "high_res": _to_numpy(record["high_res"]).astype(np.float16)}
+        if "bg" in record:  # walked background of an explicit-background method (SIPE)
+            arrays["bg"] = _to_numpy(record["bg"]).astype(np.float16)
+        save_npz_atomic(self.out_dir / f"{image_id}.npz", **arrays)
         # the PNG marks the id as finished, so it is written last
         write_bytes_atomic(self.out_dir / f"{image_id}.png", palette_png_bytes(_to_numpy(record["labels"])))
 

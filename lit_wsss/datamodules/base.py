@@ -152,6 +152,8 @@ class SegmentationFolderDataset(Dataset):
         }
         if self.mask_paths is not None:
             sample["mask"] = torch.as_tensor(out["mask"], dtype=torch.long)
+        for key in out.keys() - {"image", "mask"}:  # extras of a method's named transform (e.g. SIPE's valid)
+            sample[key] = out[key]
         return sample
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from lit_wsss.datamodules.base import SegmentationFolderDataset, read_id_list, resolve_list
@@ -21,7 +22,11 @@ from lit_wsss.io import read_manifest
 
 
 class CAMInputDataset(Dataset):
-    """Images (inference transform) plus each image's stride-4 CAMs and keys from a CAM folder."""
+    """Images (inference transform) plus each image's stride-4 CAMs and keys from a CAM folder.
+
+    A file with its own background map (SIPE) also yields ``bg_cam``: ``bg`` bilinearly downsampled to the
+    ``cam`` grid, as SIPE's ``make_seg_labels.py`` downsamples every IS-CAM channel (sipe.md §5.4, S13).
+    """
 
     def __init__(self, images: SegmentationFolderDataset, cam_dir: Path) -> None:
         self.images = images
@@ -36,6 +41,10 @@ class CAMInputDataset(Dataset):
         with np.load(self.cam_dir / f"{sample['image_id']}.npz", allow_pickle=False) as cams:
             sample["cam"] = torch.from_numpy(cams["cam"].astype(np.float32))
             sample["keys"] = torch.from_numpy(cams["keys"].astype(np.int64))
+            if "bg" in cams.files:
+                bg = torch.from_numpy(cams["bg"].astype(np.float32))[None, None]
+                sample["bg_cam"] = F.interpolate(bg, tuple(sample["cam"].shape[-2:]), mode="bilinear",
+                                                 align_corners=False)[0, 0]
         return sample
 
     def select(self, keep: set[str]) -> CAMInputDataset:

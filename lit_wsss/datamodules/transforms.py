@@ -7,9 +7,12 @@ loader (style.md P2).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
+import torch
 from albumentations.pytorch import ToTensorV2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,10 +65,44 @@ def inference(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -
     return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0), ToTensorV2()])
 
 
-TRAIN_TRANSFORMS: dict[str, Callable[..., A.Compose]] = {"irn_cls": irn_classification, "irn_affinity": irn_affinity}
+class WithInImageMask:
+    """Runs a pipeline with an all-ones helper mask and returns where it stayed 1 as ``valid`` (bool H x W).
+
+    The crop padding of :func:`_normalise_flip_crop` fills masks with 255, so ``valid`` marks the pixels of
+    the crop that come from the image: SIPE's valid mask (sipe.md §2, ``data/data_voc.py``). Training
+    splits have no ground-truth mask, so the helper mask is free to use.
+    """
+
+    def __init__(self, pipeline: A.Compose) -> None:
+        self.pipeline = pipeline
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        if "mask" in inputs:
+            raise ValueError("the in-image mask uses the mask slot; it is for training splits without masks")
+        image = inputs["image"]
+        out = self.pipeline(image=image, mask=np.ones(image.shape[:2], np.uint8))
+        valid = out.pop("mask")
+        out["valid"] = torch.as_tensor(np.asarray(valid) == 1)
+        return out
+
+    def set_random_seed(self, seed: int) -> None:
+        """Forwarded to the pipeline (see ``seed_worker``)."""
+        self.pipeline.set_random_seed(seed)
 
 
-def build_train_transform(name: str, crop_size: int, resize_long: tuple[int, int]) -> A.Compose:
+def irn_classification_valid(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> WithInImageMask:
+    """:func:`irn_classification` plus the in-image ``valid`` mask of SIPE (sipe.md §2, §4)."""
+    return WithInImageMask(irn_classification(crop_size, resize_long))
+
+
+TRAIN_TRANSFORMS: dict[str, Callable[..., Any]] = {
+    "irn_cls": irn_classification,
+    "irn_cls_valid": irn_classification_valid,
+    "irn_affinity": irn_affinity,
+}
+
+
+def build_train_transform(name: str, crop_size: int, resize_long: tuple[int, int]) -> Any:
     """The named training pipeline; unknown names list the valid ones."""
     if name not in TRAIN_TRANSFORMS:
         raise ValueError(f"unknown train_transform {name!r}; expected one of {sorted(TRAIN_TRANSFORMS)}")

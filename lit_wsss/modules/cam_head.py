@@ -37,6 +37,10 @@ class CAMHeadMixin:
     backbone: nn.Module
     classifier: nn.Conv2d
     hparams: Any
+    #: How the background is decided (protocol.md §5 table; the IR-label stage reads it from the CAM manifest):
+    #: ``constant`` = a constant plane on max-normalised foreground CAMs (IRN), ``explicit`` = the method
+    #: exports its own background map ``bg`` and masks are a plain argmax (SIPE).
+    background_convention: str = "constant"
 
     def __init__(
         self,
@@ -100,12 +104,16 @@ class CAMHeadMixin:
             "flip": True,
             "normalisation": "per-class max + 1e-5",
             "resolution": "original image size (high_res); ceil(H/4) x ceil(W/4) (strided)",
+            "background_convention": self.background_convention,
             "bg_threshold": self.hparams.cam_bg_threshold,
             "threshold_chosen": "fixed",
             "sweep_thresholds": list(self.hparams.cam_sweep_thresholds),
             "crf": False,
             "image_labels": "ground truth",
         }
+        if self.background_convention == "explicit":
+            record["cam"].update(bg_threshold=None, threshold_chosen="none: argmax over the exported bg map",
+                                 sweep_thresholds=[])
         return record
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -115,13 +123,18 @@ class CAMHeadMixin:
         ):
             # Batches of several images are padded; CAMs are computed on each image's own extent.
             record = self.infer_cams(image[:, :height, :width], labels)
-            prediction = cams_to_mask(record["high_res"], record["keys"], self.hparams.cam_bg_threshold)
+            bg = record.get("bg")  # type: ignore[misc]
+            prediction = cams_to_mask(record["high_res"], record["keys"], self.hparams.cam_bg_threshold, bg)
             self.val_miou.update(prediction[None], mask[None, :height, :width].long())
-            self.val_sweep.update(record["high_res"], record["keys"], mask[:height, :width])
+            if bg is None:  # a threshold sweep means nothing for a method with its own background
+                self.val_sweep.update(record["high_res"], record["keys"], mask[:height, :width])
         self.log("val/mIoU", self.val_miou, prog_bar=True, batch_size=batch["image"].shape[0])
 
     def on_validation_epoch_end(self) -> None:
         """Scores of the threshold sweep (a collective call: every rank computes the same reduced matrices)."""
+        if self.background_convention == "explicit":  # nothing was swept (same on every rank: no collective)
+            self.val_sweep_summary = None
+            return
         reduced = self.val_sweep.compute()
         self.val_sweep.reset()
         sweep = [float(t) for t in self.hparams.cam_sweep_thresholds]

@@ -59,6 +59,9 @@ class IRN(WSSSModule):
         sem_seg_bg_threshold: background plane after the walk (0.25).
         walk_method: ``sparse`` (2^exp_times sparse products, memory linear in pixels) or ``dense`` (the
             official dense matrix power; same labels, cubic time).
+        explicit_bg_power: CAMs with their own background (SIPE): every channel, background included, is
+            raised to this power before the walk and the labels are a plain argmax, no background plane
+            (SIPE ``make_seg_labels.py``: 1.5, sipe.md §5.4, S3). Unused for constant-background CAMs.
         **kwargs: :class:`WSSSModule` arguments. Defaults follow §6.4: frozen ResNet-50 (all 5 levels), edge
             parameters at ``lr`` = 0.1, displacement parameters at ``lr * head_lr_mult`` = 1.0, wd 1e-4, poly
             0.9, IRN's momentum quirk.
@@ -73,6 +76,7 @@ class IRN(WSSSModule):
         exp_times: int = 8,
         sem_seg_bg_threshold: float = 0.25,
         walk_method: str = "sparse",
+        explicit_bg_power: float = 1.5,
         frozen_levels: int = 5,
         **kwargs: Any,
     ) -> None:
@@ -146,18 +150,29 @@ class IRN(WSSSModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Pseudo labels: boundary map -> random walk of the stride-4 CAMs -> labels (§6.5)."""
         records = []
-        for image, image_id, (height, width), cam, keys in zip(
-            batch["image"], batch["image_id"], batch["size"].tolist(), batch["cam"], batch["keys"]
+        backgrounds = batch.get("bg_cam") or [None] * len(batch["image_id"])
+        for image, image_id, (height, width), cam, keys, bg_cam in zip(
+            batch["image"], batch["image_id"], batch["size"].tolist(), batch["cam"], batch["keys"], backgrounds
         ):
             boundary = self.boundary(image, height, width)
+            cam = cam.to(boundary)
+            if bg_cam is not None:  # SIPE: X = [bg, cams]^1.5, walked like any class (sipe.md §5.4)
+                cam = torch.cat([bg_cam.to(boundary)[None], cam]) ** self.hparams.explicit_bg_power
             walked = random_walk(
-                cam.to(boundary), boundary, beta=self.hparams.beta, exp_times=self.hparams.exp_times,
+                cam, boundary, beta=self.hparams.beta, exp_times=self.hparams.exp_times,
                 radius=self.hparams.infer_radius, method=self.hparams.walk_method,
             )
             # stored as float16; the labels are decoded from the stored values so files and PNG agree exactly
             scores = walk_scores(walked, height, width).half()
-            labels = cams_to_mask(scores.float(), keys.to(scores.device), self.hparams.sem_seg_bg_threshold)
-            records.append({"image_id": image_id, "keys": keys, "labels": labels, "high_res": scores})
+            record = {"image_id": image_id, "keys": keys}
+            if bg_cam is not None:
+                record.update(bg=scores[0], high_res=scores[1:])
+                bg = scores[0].float()
+            else:
+                record["high_res"], bg = scores, None
+            record["labels"] = cams_to_mask(record["high_res"].float(), keys.to(scores.device),
+                                            self.hparams.sem_seg_bg_threshold, bg)
+            records.append(record)
         return records
 
     def protocol(self) -> dict[str, Any]:
@@ -166,6 +181,7 @@ class IRN(WSSSModule):
         record["irn"] = {
             "path_radius": hp.path_radius, "infer_radius": hp.infer_radius, "beta": hp.beta,
             "exp_times": hp.exp_times, "walk_steps": 2**hp.exp_times, "sem_seg_bg_threshold": hp.sem_seg_bg_threshold,
-            "walk_method": hp.walk_method,
+            "walk_method": hp.walk_method, "explicit_bg_power": hp.explicit_bg_power,
+            "background": "sem_seg_bg_threshold plane, or argmax with the CAMs' own bg (walked, ^power)",
         }
         return record

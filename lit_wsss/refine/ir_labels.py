@@ -507,6 +507,14 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def manifest_convention(cams_dir: Path) -> str:
+    """The background convention a CAM folder's manifest records (``protocol.cam.background_convention``,
+    written by every lit_wsss CAM export); ``constant`` for folders without one (e.g. converted files)."""
+    manifest = read_manifest(cams_dir)
+    cam = (manifest.get("protocol") or {}).get("cam") or {}
+    return str(cam.get("background_convention", "constant"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"lit-wsss {STAGE}",
@@ -524,9 +532,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bg", type=float, default=None,
                         help=f"low-confidence background plane (constant: default {DEFAULT_BG_THRESHOLD}; "
                              "cpn: required; explicit: not allowed)")
-    parser.add_argument("--convention", choices=CONVENTIONS, default="constant",
+    parser.add_argument("--convention", choices=CONVENTIONS, default=None,
                         help="background convention of the CAMs: constant (IRN), explicit (SIPE: the files' "
-                             "bg map, halved for the low-confidence map), cpn (CPN's halved export, x2)")
+                             "bg map, halved for the low-confidence map), cpn (CPN's halved export, x2); "
+                             "default: the one the CAM manifest records, else constant")
     parser.add_argument("--bg-factor", type=float, default=None,
                         help="explicit only: factor on bg for the low-confidence map "
                              f"(default {SIPE_BG_FACTOR}, SIPE's halving)")
@@ -548,8 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = Path(args.root)
         ids = read_id_list(resolve_list(root, args.list))
+        convention = args.convention or manifest_convention(Path(args.cams))
         result = make_ir_labels(
-            args.cams, root, ids, args.out, fg=args.fg, bg=args.bg, convention=args.convention,
+            args.cams, root, ids, args.out, fg=args.fg, bg=args.bg, convention=convention,
             workers=args.workers, progress=not args.no_progress, bg_factor=args.bg_factor,
             overwrite=args.overwrite,
         )
