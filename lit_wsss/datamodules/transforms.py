@@ -95,10 +95,71 @@ def irn_classification_valid(crop_size: int = 512, resize_long: tuple[int, int] 
     return WithInImageMask(irn_classification(crop_size, resize_long))
 
 
+class WithComplementaryPatches:
+    """Runs a pipeline, then draws CPN's complementary-pair keep mask on the normalised crop (cpn.md §4).
+
+    Adds ``patch_keep`` (bool H x W, True = kept in ``x1``) and ``rho`` (float); the module builds
+    ``x1 = x * m`` and ``x2 = x * (1 - m)``. The draw uses its own numpy generator, reseeded per worker and
+    rank by ``seed_worker`` through :meth:`set_random_seed`, so augmentation streams stay reproducible.
+
+    Args:
+        pipeline: the albumentations pipeline producing the normalised CHW crop.
+        strategy: ``superpixel`` (official default: SLIC, 300 segments) or ``grid``.
+        crop_size: grid cells are ``crop/2`` and ``crop`` (the official 224 and 448 at 448 crops).
+    """
+
+    def __init__(self, pipeline: A.Compose, strategy: str, crop_size: int) -> None:
+        if strategy not in ("superpixel", "grid"):
+            raise ValueError(f"unknown complementary patch strategy {strategy!r}: expected superpixel or grid")
+        self.pipeline, self.strategy, self.crop_size = pipeline, strategy, int(crop_size)
+        self.rng = np.random.default_rng(0)
+
+    def __call__(self, **inputs: Any) -> dict[str, Any]:
+        from lit_wsss.datamodules.complementary import grid_hide_mask, superpixel_hide_mask
+
+        out = self.pipeline(**inputs)
+        image = out["image"]
+        if self.strategy == "superpixel":
+            keep, rho = superpixel_hide_mask(image, self.rng)
+        else:
+            keep, rho = grid_hide_mask(image.shape[-2], image.shape[-1], self.rng,
+                                       cell_sizes=(self.crop_size // 2, self.crop_size))
+        out["patch_keep"], out["rho"] = torch.from_numpy(np.ascontiguousarray(keep)), float(rho)
+        return out
+
+    def set_random_seed(self, seed: int) -> None:
+        """Reseeds the pipeline and the patch generator (see ``seed_worker``)."""
+        self.pipeline.set_random_seed(seed)
+        self.rng = np.random.default_rng(seed)
+
+
+def cpn_pipeline(crop_size: int = 448, resize_long: tuple[int, int] = (448, 768)) -> A.Compose:
+    """CPN's augmentation before the pair (``train_cpn.py``, cpn.md §6): random long side
+    ``U_int[resize_long]`` (bicubic), colour jitter (0.3, 0.3, 0.3, 0.1), normalise, flip, random crop with
+    zero fill. The official order flips before the jitter; both are per-image and independent, so the
+    distribution is the same. Deviation: OpenCV bicubic instead of PIL bicubic."""
+    low, high = resize_long
+    resize = A.LongestMaxSize(max_size=list(range(low, high + 1)), interpolation=cv2.INTER_CUBIC)
+    jitter = A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1, p=1.0)
+    return A.Compose([resize, jitter, *_normalise_flip_crop(crop_size)])
+
+
+def cpn_superpixel(crop_size: int = 448, resize_long: tuple[int, int] = (448, 768)) -> WithComplementaryPatches:
+    """:func:`cpn_pipeline` + superpixel complementary patches (CPN's default)."""
+    return WithComplementaryPatches(cpn_pipeline(crop_size, resize_long), "superpixel", crop_size)
+
+
+def cpn_grid(crop_size: int = 448, resize_long: tuple[int, int] = (448, 768)) -> WithComplementaryPatches:
+    """:func:`cpn_pipeline` + grid complementary patches (CPN's alternative)."""
+    return WithComplementaryPatches(cpn_pipeline(crop_size, resize_long), "grid", crop_size)
+
+
 TRAIN_TRANSFORMS: dict[str, Callable[..., Any]] = {
     "irn_cls": irn_classification,
     "irn_cls_valid": irn_classification_valid,
     "irn_affinity": irn_affinity,
+    "cpn_superpixel": cpn_superpixel,
+    "cpn_grid": cpn_grid,
 }
 
 

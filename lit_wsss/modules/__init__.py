@@ -3,7 +3,8 @@
 from lit_wsss.modules.base import WSSSModule
 from lit_wsss.modules.cam import CAM
 from lit_wsss.modules.cam_head import CAMHeadMixin
+from lit_wsss.modules.cpn import CPN
 from lit_wsss.modules.irn import IRN
 from lit_wsss.modules.sipe import SIPE
 
-__all__ = ["CAM", "CAMHeadMixin", "IRN", "SIPE", "WSSSModule"]
+__all__ = ["CAM", "CAMHeadMixin", "CPN", "IRN", "SIPE", "WSSSModule"]
