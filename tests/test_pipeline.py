@@ -11,13 +11,14 @@ from lit_wsss.pipeline import main
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-def test_pipeline_runs_every_stage(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["cam", "sipe", "cpn"])
+def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
     data = f"--data.init_args.root={root} --data.init_args.num_workers=0 --data.init_args.batch_size=4"
     common = "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null --trainer.max_steps=2"
     code = main([
-        "--data", "synth", "--method", "cam", "--root", str(root), "--list", "val",
+        "--data", "synth", "--method", method, "--root", str(root), "--list", "val",
         "--out", str(tmp_path / "run"), "--workers", "1",
         "--cam-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
                       f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
@@ -39,3 +40,8 @@ def test_pipeline_runs_every_stage(tmp_path, monkeypatch, capsys):
     assert ir_manifest["count"] == 4 and pseudo_manifest["count"] == 4 and pseudo_manifest["bg_threshold"] == 0.25
     assert pseudo_manifest["protocol"]["data"]["cams_producer"]["stage"] == "cams"
     assert pseudo_manifest["protocol"]["data"]["ir_labels_producer"]["stage"] == "ir-labels"
+    # the background convention travels from the CAM manifest: SIPE's own bg through IR labels and the walk
+    explicit = method == "sipe"
+    assert ir_manifest["convention"] == ("explicit" if explicit else "constant")
+    pseudo = json.loads((run / "eval_pseudo_labels.json").read_text())
+    assert pseudo["mode"] == ("bg_argmax" if explicit else "sweep")
