@@ -47,7 +47,9 @@ cams: install  ## make cams DATA=synth CKPT=path/last.ckpt OUT=outputs/cams  (CA
 eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=val OUT=outputs/eval/cams.json
 	$(BIN)/lit-wsss eval-cam --cams $(CAMS) --root $(ROOT) --list $(LIST) --out $(OUT) $(ARGS)
 
-pipeline: install  ## make pipeline DATA=synth METHOD=cam [ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
+# the pipeline's default ROOT is the synthetic set; DATA=voc ROOT=... on the command line wins
+pipeline: DATA = synth
+pipeline: install  ## make pipeline METHOD=cam|sipe|cpn [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
 	$(BIN)/lit-wsss pipeline --data $(DATA) --method $(METHOD) --root $(ROOT) --list $(LIST) $(ARGS)
 
 pipeline-mini: install  ## the whole chain on ../shared/data/voc12-mini (real VOC images, CPU)
