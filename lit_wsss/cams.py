@@ -55,6 +55,28 @@ def scaled_flip_pairs(image: Tensor, scales: Sequence[float] = DEFAULT_CAM_SCALE
         yield torch.cat([scaled, scaled.flip(-1)], dim=0)
 
 
+def sum_over_scales(
+    fused_maps: Callable[[Tensor], Tensor], image: Tensor, scales: Sequence[float], sizes: Sequence[tuple[int, int]]
+) -> list[Tensor]:
+    """The multi-scale loop every CAM method shares: per scale, ``fused_maps`` turns the (image, flipped image)
+    batch of :func:`scaled_flip_pairs` into one ``(K, h, w)`` map (the method's own flip fusion), which is
+    bilinearly resized (``align_corners=False``) to each of ``sizes`` and summed over the scales.
+
+    Returns:
+        One ``(K, *size)`` float32 sum per entry of ``sizes``.
+    """
+    if not scales:
+        raise ValueError("at least one inference scale is needed")
+    totals: list[Tensor] = []
+    for pair in scaled_flip_pairs(image, scales):
+        maps = fused_maps(pair).float()[None]
+        if maps.shape[1] == 0:  # an image without labels: nothing to resize (interpolate refuses empty input)
+            return [maps.new_zeros((0, *size)) for size in sizes]
+        resized = [F.interpolate(maps, tuple(size), mode="bilinear", align_corners=False)[0] for size in sizes]
+        totals = resized if not totals else [total + r for total, r in zip(totals, resized, strict=True)]
+    return totals
+
+
 @torch.no_grad()
 def multiscale_cams(
     cam_fn: Callable[[Tensor], Tensor],
@@ -84,13 +106,12 @@ def multiscale_cams(
     strided_size = (math.ceil(height / 4), math.ceil(width / 4))
     padded_size = (16 * math.ceil(height / 16), 16 * math.ceil(width / 16))
     keys = keys.to(device=image.device, dtype=torch.long)
-    strided = image.new_zeros((len(keys), *strided_size))
-    high_res = image.new_zeros((len(keys), *padded_size))
-    for pair in scaled_flip_pairs(image, scales):
+
+    def flip_sum(pair: Tensor) -> Tensor:
         cams = cam_fn(pair)[:, keys].float()
-        cams = cams[0] + cams[1].flip(-1)
-        strided += F.interpolate(cams[None], strided_size, mode="bilinear", align_corners=False)[0]
-        high_res += F.interpolate(cams[None], padded_size, mode="bilinear", align_corners=False)[0]
+        return cams[0] + cams[1].flip(-1)
+
+    strided, high_res = sum_over_scales(flip_sum, image, scales, [strided_size, padded_size])
     high_res = high_res[:, :height, :width]
     strided /= strided.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS
     high_res /= high_res.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS

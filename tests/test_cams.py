@@ -95,3 +95,11 @@ def test_predict_step_crops_padding_and_keeps_label_channels():
     assert first["high_res"].shape == (2, 40, 48) and first["cam"].shape == (2, 10, 12)
     assert second["keys"].tolist() == [0] and second["high_res"].shape == (1, 33, 21)
     assert second["cam"].shape == (1, 9, 6)
+
+
+def test_image_without_labels_gives_empty_maps():
+    from lit_wsss.cams import multiscale_cams
+
+    record = multiscale_cams(lambda x: torch.relu(x[:, :2]), torch.randn(3, 20, 30), torch.zeros(0, dtype=torch.long),
+                             (1.0, 0.5))
+    assert record["cam"].shape == (0, 5, 8) and record["high_res"].shape == (0, 20, 30)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_wsss.backbones import FrozenStatsBatchNorm2d
-from lit_wsss.cams import CAMRecord, scaled_flip_pairs
+from lit_wsss.cams import CAMRecord, sum_over_scales
 from lit_wsss.datamodules.complementary import split_by_keep_mask
 from lit_wsss.losses.cpn import CPN_EPS, cpn_losses, refined_cam, upsample
 from lit_wsss.modules.base import WSSSModule
@@ -162,11 +162,13 @@ class CPN(CAMHeadMixin, WSSSModule):
             image = image[0]
         height, width = image.shape[-2:]
         keys = torch.nonzero(labels > 0.5).flatten()
-        total = image.new_zeros((len(keys), height, width))
-        for pair in scaled_flip_pairs(image, self.hparams.cam_scales):
-            _, refined = self.head(pair)
-            maps = F.interpolate(refined[:, keys + 1].float(), (height, width), mode="bilinear", align_corners=False)
-            total += maps[0] + maps[1].flip(-1)
+
+        def refined_flip_sum(pair: Tensor) -> Tensor:
+            refined = self.head(pair)[1][:, keys + 1]
+            return refined[0] + refined[1].flip(-1)
+
+        # the official code resizes each pass before un-flipping; resizing is linear and flip-symmetric
+        (total,) = sum_over_scales(refined_flip_sum, image, self.hparams.cam_scales, [(height, width)])
         total = F.relu(total)
         low = total.flatten(1).amin(1).view(-1, 1, 1)
         high = total.flatten(1).amax(1).view(-1, 1, 1)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_wsss.cams import CAMRecord, scaled_flip_pairs
+from lit_wsss.cams import CAMRecord, sum_over_scales
 from lit_wsss.losses.sipe import (
     SIPE_EPS,
     general_cam_with_background,
@@ -117,8 +117,8 @@ class SIPE(CAMHeadMixin, WSSSModule):
         channels = torch.cat([keys.new_zeros(1), keys + 1])  # background + present classes
         present = torch.zeros(self.hparams.num_classes + 1, device=image.device)
         present[channels] = 1.0  # y' = (1, y)
-        total = image.new_zeros((len(channels), height, width))
-        for pair in scaled_flip_pairs(image, self.hparams.cam_scales):
+
+        def image_specific_cam(pair: Tensor) -> Tensor:
             levels = self.backbone(pair)
             cam = self.classifier(levels[-1])
             features = self.hierarchical(levels)
@@ -126,8 +126,9 @@ class SIPE(CAMHeadMixin, WSSSModule):
             fused_features = (features[0] + features[1].flip(-1))[None]
             mh = general_cam_with_background(fused_cam)
             seeds, _ = structure_aware_seeds(mh, present.view(1, -1, 1, 1), fused_features)
-            specific = is_cam(fused_features, prototypes(seeds, fused_features))[:, channels]
-            total += F.interpolate(specific.float(), (height, width), mode="bilinear", align_corners=False)[0]
+            return is_cam(fused_features, prototypes(seeds, fused_features))[0, channels]
+
+        (total,) = sum_over_scales(image_specific_cam, image, self.hparams.cam_scales, [(height, width)])
         total /= total.flatten(1).amax(1).view(-1, 1, 1) + SIPE_EPS
         strided = F.interpolate(total[None, 1:], (math.ceil(height / 4), math.ceil(width / 4)),
                                 mode="bilinear", align_corners=False)[0]
