@@ -13,7 +13,9 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-def test_offline_wandb_run_holds_panel_table_and_curve(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["cam", "sipe"])
+def test_offline_wandb_run_holds_panel_table_and_curve(method, tmp_path, monkeypatch):
+    """SIPE (its own background, no threshold sweep) gets the panel and the mask layers, no table or curve."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -21,27 +23,43 @@ def test_offline_wandb_run_holds_panel_table_and_curve(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
     logger = [{"class_path": "pytorch_lightning.loggers.WandbLogger",
                "init_args": {"save_dir": str(tmp_path), "project": "lit_wsss_test", "offline": True}}]
+    import wandb
+
+    try:
+        run_fit(method, tmp_path, logger)
+    finally:
+        wandb.finish()  # a run left open would be reused by the next test's WandbLogger
+    check_run(method, tmp_path)
+
+
+def run_fit(method, tmp_path, logger):
     main([
-        "fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / "cam.yaml"),
+        "fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / f"{method}.yaml"),
         f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=8",
         "--data.init_args.num_val=3", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
         "--data.init_args.crop_size=64", "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",
         "--model.init_args.cam_scales=[1.0]", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=" + json.dumps(logger),
     ])
+
+
+def check_run(method, tmp_path):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     media = runs[0] / "files" / "media"
     images = [p.name for p in (media / "images").rglob("*.png")]
     assert any(name.startswith("cam_panel") for name in images), images
-    assert any(name.startswith("sweep_curve") for name in images), images
     assert sum(name.startswith("masks") and not name.endswith(".mask.png") for name in images) == 3
     mask_layers = list((media / "images").rglob("*.mask.png"))
     assert len(mask_layers) == 6  # prediction + ground truth for each of the 3 panel images
+    saved = {p.name for p in tmp_path.rglob("epoch_000/*")}
+    if method == "sipe":
+        assert not any(name.startswith("sweep_curve") for name in images) and saved == {"cam_panel.png"}
+        return
+    assert any(name.startswith("sweep_curve") for name in images), images
     tables = list((media / "table").rglob("iou_table*.table.json"))
     assert len(tables) == 1
     table = json.loads(tables[0].read_text())
     assert [row[0] for row in table["data"]] == ["background", "aeroplane", "bicycle", "bird", "boat"]
     # the same figures as files, for users without W&B
-    saved = {p.name for p in tmp_path.rglob("epoch_000/*")}
     assert {"cam_panel.png", "sweep_curve.png", "iou_table.md"} <= saved

@@ -48,21 +48,21 @@ class CAMMedia(Callback):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        # None for a method with its own background (SIPE): panels only, no sweep table or curve
         summary = getattr(pl_module, "val_sweep_summary", None)
-        if summary is None:
-            return
         root = Path(self.out_dir or trainer.log_dir or trainer.default_root_dir) / "media"
         folder = root / f"epoch_{trainer.current_epoch:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        names = summary["class_names"]
-        panels, wandb_images = self._panels(trainer, pl_module, names[1:])
+        names = summary["class_names"][1:] if summary else pl_module.class_names()
+        panels, wandb_images = self._panels(trainer, pl_module, names)
         if panels:
             _save_png(folder / "cam_panel.png", np.concatenate(_pad_widths(panels), axis=0))
-        write_bytes_atomic(folder / "iou_table.md", sweep_markdown(summary).encode())
-        plot_sweep(summary, folder / "sweep_curve.png")
+        if summary:
+            write_bytes_atomic(folder / "iou_table.md", sweep_markdown(summary).encode())
+            plot_sweep(summary, folder / "sweep_curve.png")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, trainer, summary, folder, wandb_images)
+                self._log_wandb(logger, trainer, summary, folder, wandb_images, ["background", *names])
 
     @torch.no_grad()
     def _panels(self, trainer: pl.Trainer, pl_module: Any, class_names: list[str]) -> tuple[list, list]:
@@ -75,7 +75,8 @@ class CAMMedia(Callback):
         for index in range(min(self.num_images, len(dataset))):
             sample = dataset[index]
             record = pl_module.infer_cams(sample["image"].to(pl_module.device), sample["labels"].to(pl_module.device))
-            prediction = cams_to_mask(record["high_res"], record["keys"], pl_module.hparams.cam_bg_threshold)
+            prediction = cams_to_mask(record["high_res"], record["keys"], pl_module.hparams.cam_bg_threshold,
+                                      record.get("bg"))
             image = read_rgb(dataset.image_paths[index])
             arrays = {
                 "high_res": record["high_res"].cpu().numpy(),
@@ -89,14 +90,13 @@ class CAMMedia(Callback):
         return panels, wandb_images
 
     @staticmethod
-    def _log_wandb(logger: WandbLogger, trainer: pl.Trainer, summary: dict, folder: Path, images: list) -> None:
+    def _log_wandb(logger: WandbLogger, trainer: pl.Trainer, summary: dict | None, folder: Path, images: list,
+                   class_names: list[str]) -> None:
         import wandb
 
-        labels = {i: name for i, name in enumerate(summary["class_names"])}
+        labels = {i: name for i, name in enumerate(class_names)}
         labels[255] = "ignore"
         payload: dict[str, Any] = {
-            "val/cam_panel": wandb.Image(str(folder / "cam_panel.png"), caption="image | CAMs | prediction | truth"),
-            "val/sweep_curve": wandb.Image(str(folder / "sweep_curve.png")),
             "val/masks": [
                 wandb.Image(image, caption=image_id, masks={
                     "prediction": {"mask_data": prediction, "class_labels": labels},
@@ -105,6 +105,13 @@ class CAMMedia(Callback):
                 for image_id, image, prediction, truth in images
             ],
         }
+        if (folder / "cam_panel.png").is_file():
+            payload["val/cam_panel"] = wandb.Image(str(folder / "cam_panel.png"),
+                                                   caption="image | CAMs | prediction | truth")
+        if summary is None:
+            logger.experiment.log({**payload, "trainer/global_step": trainer.global_step})
+            return
+        payload["val/sweep_curve"] = wandb.Image(str(folder / "sweep_curve.png"))
         rows = []
         for index, name in enumerate(summary["class_names"]):
             rows.append([name, summary["fixed"]["iou"][index], summary["best"]["iou"][index]])
