@@ -1,4 +1,5 @@
-"""Loss functions of the WSSS methods, as pure functions of tensors.
+"""Loss functions and method maths of the WSSS methods, as pure functions of tensors (one module per paper).
 
-``irn``: IRNet's inter-pixel affinity and displacement losses (protocol.md §6.4).
+``irn`` (protocol.md §6.4), ``sipe`` (sipe.md), ``cpn`` (cpn.md), ``vwe`` (vwe.md), ``gslm`` (cls.md),
+``slams`` (slams.md, a reconstruction). The learnable layers belong to the LightningModules.
 """

@@ -1,0 +1,607 @@
+"""GSLM (CLS): GLM CAM, bounded SLM CAM head, seed-reactivation regression, pseudo masks and rounds.
+
+Pure functions of tensors (batch-first, no module state: the classifier and pooling-head weights are
+passed in as tensors), reimplemented from ../shared/methods/cls.md §2 (forward passes, losses, multi-scale
+CAM, pseudo masks, rounds), §3 (inference), §5 (hyperparameters) and §8 (pitfalls); tests follow §10
+items 1-7. ``C`` foreground classes (no background channel), ``A`` the raw classifier map, ``y`` the
+``(B, C)`` foreground multi-hot labels, ``Y`` a seed map with 0 = background, ``c + 1`` = class ``c``,
+255 = ignore::
+
+    A        = W . F                    1x1 conv, no bias                      class_activation_map (§2.1)
+    logits   = GAP(A)                   (= W . GAP(F), §10 item 7)             gap_logits
+    L_GLM    = MLSM(logits, y)
+    Ab       = relu6(A) = min(max(A, 0), tau), tau = 6                         bounded_cam  (§2.4, P9)
+    logits   = Conv_{C->C, k x k}( AdaptiveAvgPool_{k x k}(A) ), k = 32        wam_logits   (§2.4, P10)
+    Y        = nearest-downsample(pseudo mask) to (h, w)                       downsample_seeds (P5)
+    A^_{b,c} = Ab_{b,c} / (max over ALL h x w pixels of Ab_{b,c} + 1e-5)      (not detached, P4)
+    L_seg    = sum_b sum_{c in I_b} SmoothL1_{beta=1, mean over p in V_b}(tau A^, tau 1[Y = c + 1])
+               V_b = {p : Y_b[p] != 255}; images with empty V_b contribute a zero tensor (P13)  seg_loss (P3)
+    L_SLM    = MLSM(logits, y) + 0.5 L_seg                                    slm_losses
+
+    GLM mixin: M = sum over 4 scales x 2 flips of bilinear_up(relu(A)) / (per-class max + 1e-5)   (§2.2)
+    WAM mixin: M = mean over the 8 maps of bilinear_up(relu6(A)) / tau                  wam_multiscale_cams
+    pseudo mask: Y = keys'[CRF(argmax[0.30; M])], 255 where that is bg but keys'[CRF(argmax[0.05; M])]
+                 is not (§2.3, P7); CRF = IRN's with Gaussian compat 10          pseudo_mask, gslm_crf
+    round r = 0, 1, 2: eval threshold 0.15 + 0.1 r, seed cut 0.30 / 0.05         round_thresholds (§2.5)
+
+Second-stage network (pitfall P1): ``head="wam"`` is the network the spec calls the intended SLM
+(ReLU6 CAM, learned pooling head, WAM mixin); ``head="cam"`` is what the released ``train_fuse_cam.py``
+actually trains (``args.cam_network``: ReLU CAM, GAP logits, GLM mixin, the same L_seg on ``relu(A)``).
+The learnable parts (backbone and its stage-2 detach, the classifier, the pooling head, the non-strict
+load of the GLM weights, the per-round optimiser restart) belong to the module and the round driver.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_wsss.cams import DEFAULT_CAM_SCALES, CAMRecord, multiscale_cams, sum_over_scales
+from lit_wsss.refine.ir_labels import crf_inference_label, ir_label
+
+#: Activation bound tau of the SLM: ReLU6 cap, regression target on seeds, WAM-mixin divisor (cls.md §5).
+TAU = 6.0
+#: Constant added to the per-class max in L_seg's normalisation and in the GLM mixin (cls.md §2.2, §2.4).
+GSLM_EPS = 1e-5
+#: ``fuse_cam_seg_loss_rate``: weight of L_seg in L_SLM (cls.md §2.4, §5).
+SEG_LOSS_WEIGHT = 0.5
+#: SmoothL1 transition point of L_seg (cls.md §2.4).
+SMOOTH_L1_BETA = 1.0
+#: Output size of the adaptive pool (= kernel of the pooling conv) of the WAM head: a 512 crop at stride 16.
+WAM_POOL_SIZE = 32
+#: Seed value of pixels without supervision (the repository's convention).
+IGNORE_INDEX = 255
+#: ``conf_fg_thres`` / ``conf_bg_thres``: constant background planes of the pseudo-mask cut (cls.md §2.3).
+CONF_FG_THRESHOLD = 0.30
+CONF_BG_THRESHOLD = 0.05
+#: ``cam_eval_thres`` and ``fuse_cam_eval_thres_inc``: evaluation threshold of round r = 0.15 + 0.1 r (§2.5).
+EVAL_THRESHOLD = 0.15
+EVAL_THRESHOLD_INCREMENT = 0.1
+#: ``fuse_cam_num_iter``: number of SLM rounds (cls.md §2.5).
+NUM_ROUNDS = 3
+#: The two second-stage networks of pitfall P1: the intended WAM head and the trained plain CAM head.
+SLM_HEADS = ("wam", "cam")
+#: Reductions of L_seg: the official sum over images and present classes, or its mean (P3, corrected).
+SEG_REDUCTIONS = ("sum", "mean")
+#: GSLM ``net/refiner/refiner.py`` CRF_PARAMS (cls.md §2.3): IRN's CRF but Gaussian compat 10, not 3.
+GSLM_CRF_PARAMS: dict[str, Any] = {
+    "iterations": 10,
+    "gt_prob": 0.7,
+    "gaussian": {"sxy": 3, "compat": 10},
+    "bilateral": {"sxy": 50, "srgb": 5, "compat": 10},
+}
+#: Names of the terms returned by :func:`slm_losses` (already weighted; the caller sums them).
+LOSS_KEYS = ("cls", "seg")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check_maps(a: Tensor, name: str = "cam_logits") -> None:
+    if a.dim() != 4:
+        raise ValueError(f"{name} must be (B, C, h, w), got {tuple(a.shape)}")
+
+
+def _check_labels(a: Tensor, labels: Tensor) -> None:
+    if labels.dim() != 2 or tuple(labels.shape) != tuple(a.shape[:2]):
+        raise ValueError(
+            f"labels must be (B, C) = {tuple(a.shape[:2])} foreground multi-hot, got {tuple(labels.shape)}"
+        )
+
+
+def _check_head(head: str) -> None:
+    if head not in SLM_HEADS:
+        raise ValueError(f"unknown SLM head {head!r}; expected one of {list(SLM_HEADS)} (cls.md P1)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# GLM (§2.1) and the SLM heads (§2.4)
+# ----------------------------------------------------------------------------------------------------
+
+
+def class_activation_map(features: Tensor, weight: Tensor) -> Tensor:
+    """``A = W . F``: the bias-free 1x1 classifier applied at every position (cls.md §2.1).
+
+    Args:
+        features: ``(B, D, h, w)`` last backbone level.
+        weight: ``(C, D, 1, 1)`` conv weight or ``(C, D)`` matrix.
+
+    Returns:
+        ``(B, C, h, w)`` raw class activations (no ReLU).
+    """
+    _check_maps(features, "features")
+    if weight.dim() == 4 and tuple(weight.shape[-2:]) == (1, 1):
+        weight = weight[:, :, 0, 0]
+    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"weight must be (C, D, 1, 1) or (C, D) with D = {features.shape[1]}, got {tuple(weight.shape)}"
+        )
+    return torch.einsum("cd,bdhw->bchw", weight.to(features.dtype), features)
+
+
+def gap_logits(cam_logits: Tensor) -> Tensor:
+    """GLM logits ``GAP(A)`` ``(B, C)`` (cls.md §2.1); equal to IRN's ``W . GAP(F)`` by linearity (§10.7)."""
+    _check_maps(cam_logits)
+    return cam_logits.mean(dim=(-2, -1))
+
+
+def bounded_cam(cam_logits: Tensor, tau: float = TAU) -> Tensor:
+    """The SLM's bounded CAM ``Ab = min(max(A, 0), tau)`` (ReLU6 for tau = 6; cls.md §2.4, P9).
+
+    The "Seed Reactivation" boundary: pixels with ``A >= tau`` or ``A <= 0`` get zero gradient (as
+    :func:`torch.nn.functional.relu6`: the gradient is 1 only strictly inside ``(0, tau)``).
+
+    Args:
+        cam_logits: ``(B, C, h, w)`` raw ``A``.
+        tau: the bound.
+
+    Returns:
+        ``(B, C, h, w)`` in ``[0, tau]``.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be positive, got {tau}")
+    return F.hardtanh(cam_logits, 0.0, float(tau))
+
+
+def slm_cam(cam_logits: Tensor, head: str = "wam", tau: float = TAU) -> Tensor:
+    """The CAM the SLM regresses and exports: ``relu6(A)`` for ``wam``, ``relu(A)`` for ``cam`` (P1).
+
+    Args:
+        cam_logits: ``(B, C, h, w)`` raw ``A`` (also accepts any ``(N, C, h, w)`` inference batch).
+        head: ``"wam"`` (intended SLM) or ``"cam"`` (network the released script trains).
+        tau: bound of the ``wam`` head.
+
+    Returns:
+        ``(B, C, h, w)`` non-negative CAM.
+    """
+    _check_head(head)
+    return bounded_cam(cam_logits, tau) if head == "wam" else F.relu(cam_logits)
+
+
+def wam_logits(cam_logits: Tensor, pool_weight: Tensor) -> Tensor:
+    """WAM logits: ``Conv_{C->C, k x k, no bias}(AdaptiveAvgPool_{k x k}(A))`` (cls.md §2.4, §10.3).
+
+    The learned spatial + cross-class pooling that replaces GAP; applied to the raw ``A`` (not the bounded
+    map). ``k`` is read from the weight (32 in the official head, :data:`WAM_POOL_SIZE`). With the weight
+    ``1/k^2`` on its own class and 0 elsewhere this is exactly GAP for maps whose size is a multiple of
+    ``k``; other sizes still give ``(B, C)`` (then GAP only approximately).
+
+    Args:
+        cam_logits: ``(B, C, h, w)`` raw ``A``.
+        pool_weight: ``(C, C, k, k)`` conv weight of the pooling head.
+
+    Returns:
+        ``(B, C)`` logits.
+    """
+    _check_maps(cam_logits)
+    c = cam_logits.shape[1]
+    square = pool_weight.dim() == 4 and pool_weight.shape[2] == pool_weight.shape[3]
+    if not square or tuple(pool_weight.shape[:2]) != (c, c):
+        raise ValueError(f"pool_weight must be (C, C, k, k) with C = {c}, got {tuple(pool_weight.shape)}")
+    k = pool_weight.shape[-1]
+    pooled = F.adaptive_avg_pool2d(cam_logits, (k, k))
+    return F.conv2d(pooled, pool_weight.to(pooled.dtype)).flatten(1)
+
+
+def gap_pool_weight(num_classes: int, size: int = WAM_POOL_SIZE, dtype: torch.dtype | None = None) -> Tensor:
+    """A ``(C, C, k, k)`` pooling-head weight that makes :func:`wam_logits` equal to GAP (cls.md §10.3).
+
+    Not the official initialisation (the head is newly, randomly initialised, P8); a reference and a
+    possible deterministic start.
+    """
+    if num_classes < 1 or size < 1:
+        raise ValueError(f"num_classes and size must be positive, got {num_classes}, {size}")
+    weight = torch.zeros(num_classes, num_classes, size, size, dtype=dtype)
+    index = torch.arange(num_classes)
+    weight[index, index] = 1.0 / (size * size)
+    return weight
+
+
+def slm_logits(cam_logits: Tensor, head: str = "wam", pool_weight: Tensor | None = None) -> Tensor:
+    """SLM logits: :func:`wam_logits` for ``wam`` (``pool_weight`` required), GAP for ``cam`` (P1)."""
+    _check_head(head)
+    if head == "wam":
+        if pool_weight is None:
+            raise ValueError("head='wam' needs the pooling head's weight (C, C, 32, 32)")
+        return wam_logits(cam_logits, pool_weight)
+    if pool_weight is not None:
+        raise ValueError("head='cam' uses GAP logits: pass pool_weight=None")
+    return gap_logits(cam_logits)
+
+
+def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``MLSM(logits, y)``: multi-label soft-margin loss, mean over batch and classes (cls.md §2.1/§2.4)."""
+    if logits.dim() != 2 or logits.shape != labels.shape:
+        raise ValueError(
+            f"logits and labels must both be (B, C), got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
+    return F.multilabel_soft_margin_loss(logits, labels.to(logits.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Seed-reactivation regression (§2.4)
+# ----------------------------------------------------------------------------------------------------
+
+
+def downsample_seeds(seeds: Tensor, size: tuple[int, int], mode: str = "nearest") -> Tensor:
+    """Pseudo mask to the CAM size by nearest neighbour (cls.md §2.4, P5), values kept (255 stays 255).
+
+    ``mode="nearest"`` is PyTorch's legacy nearest (source index ``floor(i * in / out)``: the top-left pixel
+    of each 16 x 16 block for 512 -> 32); ``"nearest-exact"`` picks the block centre instead (PIL-style).
+    Never majority/average pooling (parity, P5). A map already of ``size`` is returned unchanged.
+
+    Args:
+        seeds: ``(B, H, W)`` integer seed map.
+        size: ``(h, w)``.
+        mode: ``"nearest"`` or ``"nearest-exact"``.
+
+    Returns:
+        ``(B, h, w)`` int64.
+    """
+    if seeds.dim() != 3 or seeds.is_floating_point() or seeds.is_complex():
+        raise ValueError(f"seeds must be an integer (B, H, W) map, got {seeds.dtype} {tuple(seeds.shape)}")
+    if mode not in ("nearest", "nearest-exact"):
+        raise ValueError(f"mode must be 'nearest' or 'nearest-exact', got {mode!r}")
+    if tuple(seeds.shape[-2:]) == tuple(size):
+        return seeds.long()
+    # float32 holds 0..255 exactly; the interpolation only picks values
+    return F.interpolate(seeds[:, None].float(), size=tuple(size), mode=mode)[:, 0].round().long()
+
+
+def max_normalise(cam: Tensor) -> Tensor:
+    """``cam / (per-class max over ALL spatial positions + 1e-5)`` (cls.md §2.4 A^, §2.2 GLM mixin).
+
+    Not detached: gradient flows through the max (P4), also when the max sits on an ignored pixel.
+
+    Args:
+        cam: ``(B, C, h, w)`` non-negative maps.
+
+    Returns:
+        ``(B, C, h, w)`` in ``[0, 1)``; an all-zero channel stays 0.
+    """
+    _check_maps(cam, "cam")
+    return cam / (torch.amax(cam, dim=(-2, -1), keepdim=True) + GSLM_EPS)
+
+
+def seg_loss_terms(cam: Tensor, labels: Tensor, seeds: Tensor, scale: float = TAU) -> tuple[Tensor, Tensor]:
+    """Per-(image, class) seed-regression losses of L_seg and which of them count (cls.md §2.4).
+
+    ``term[b, c] = mean_{p in V_b} SmoothL1_{beta=1}(scale * A^_{b,c}[p], scale * 1[Y_b[p] = c + 1])`` with
+    ``A^ = cam / (max over all pixels + 1e-5)`` (:func:`max_normalise`, P4) and ``V_b`` the non-255 pixels.
+    ``counted[b, c]`` = class ``c`` is in the image labels and ``V_b`` is non-empty; uncounted terms are 0.
+
+    Args:
+        cam: ``(B, C, h, w)`` the CAM being regressed: ``relu6(A)`` (``wam``) or ``relu(A)`` (``cam``),
+            see :func:`slm_cam`.
+        labels: ``(B, C)`` foreground multi-hot image labels.
+        seeds: ``(B, h, w)`` integer seed map at the CAM size (0 bg, c+1 class c, 255 ignore); see
+            :func:`downsample_seeds`.
+        scale: the regression scale (tau = 6: targets 6 on seeds of the class, 0 elsewhere).
+
+    Returns:
+        ``(terms, counted)``: ``(B, C)`` float losses (0 where not counted) and ``(B, C)`` bool.
+    """
+    _check_maps(cam, "cam")
+    _check_labels(cam, labels)
+    b, c, h, w = cam.shape
+    if seeds.dim() != 3 or tuple(seeds.shape) != (b, h, w) or seeds.is_floating_point():
+        raise ValueError(
+            f"seeds must be an integer (B, h, w) = {(b, h, w)} map at the CAM size, got {seeds.dtype} "
+            f"{tuple(seeds.shape)} (downsample_seeds resizes a full-size pseudo mask)"
+        )
+    seeds = seeds.to(device=cam.device, dtype=torch.long)
+    if ((seeds < 0) | ((seeds > c) & (seeds != IGNORE_INDEX))).any():
+        raise ValueError(f"seed values must lie in 0..{c} or be {IGNORE_INDEX}")
+    valid = seeds != IGNORE_INDEX  # (B, h, w)
+    classes = torch.arange(1, c + 1, device=cam.device).view(1, c, 1, 1)
+    target = (seeds[:, None] == classes).to(cam.dtype) * scale  # (B, C, h, w)
+    pred = max_normalise(cam) * scale
+    loss = F.smooth_l1_loss(pred, target, reduction="none", beta=SMOOTH_L1_BETA)
+    v = valid[:, None].to(cam.dtype)
+    n_valid = v.sum(dim=(-2, -1))  # (B, 1)
+    terms = (loss * v).sum(dim=(-2, -1)) / n_valid.clamp_min(1.0)
+    counted = (labels > 0.5) & (n_valid > 0)
+    return terms * counted.to(terms.dtype), counted
+
+
+def seg_loss(
+    cam: Tensor, labels: Tensor, seeds: Tensor, scale: float = TAU, reduction: str = "sum"
+) -> Tensor:
+    """Seed-reactivation regression L_seg (cls.md §2.4), UNWEIGHTED.
+
+    ``reduction="sum"`` (official, P3): the sum over images and present classes of
+    :func:`seg_loss_terms`; it grows with batch size and labels per image. ``"mean"`` (corrected, P3):
+    divided by the number of counted (image, class) pairs. Images whose seeds are all 255 contribute 0;
+    a batch of only such images gives a zero tensor (still attached to the graph), not a Python 0 (P13).
+
+    Args:
+        cam, labels, seeds, scale: see :func:`seg_loss_terms`.
+        reduction: one of :data:`SEG_REDUCTIONS`.
+
+    Returns:
+        Scalar tensor.
+    """
+    if reduction not in SEG_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {list(SEG_REDUCTIONS)}, got {reduction!r}")
+    terms, counted = seg_loss_terms(cam, labels, seeds, scale)
+    total = terms.sum()
+    if reduction == "mean":
+        total = total / counted.sum().clamp_min(1).to(total.dtype)
+    return total
+
+
+def slm_losses(
+    cam_logits: Tensor,
+    labels: Tensor,
+    seeds: Tensor,
+    pool_weight: Tensor | None = None,
+    head: str = "wam",
+    seg_weight: float = SEG_LOSS_WEIGHT,
+    tau: float = TAU,
+    seg_reduction: str = "sum",
+    seed_resize_mode: str = "nearest",
+) -> dict[str, Tensor]:
+    """The SLM training loss terms of cls.md §2.4 (``L_SLM = cls + seg``, summed by the caller).
+
+    What the module passes:
+
+    * ``cam_logits``: the RAW classifier map ``A = W . F`` ``(B, C, h, w)`` of the training crop (no ReLU,
+      no bound; the module applies the backbone's stage-2 detach itself), e.g. ``self.classifier(feats)``.
+    * ``labels``: the batch's ``(B, C)`` foreground multi-hot labels.
+    * ``seeds``: the round's pseudo masks, cropped/flipped with the image, as ``(B, H, W)`` int64
+      (0 bg, c+1 class c, 255 ignore AND crop padding); resized here to ``(h, w)`` by nearest (P5). A map
+      already at ``(h, w)`` is used as is.
+    * ``pool_weight``: ``head="wam"``: the pooling head's conv weight ``(C, C, 32, 32)`` (the parameter
+      itself, so it is trained); ``head="cam"``: ``None``.
+    * ``head``: ``"wam"`` = the intended SLM (ReLU6 CAM + learned pooling, default), ``"cam"`` = the network
+      the released ``train_fuse_cam.py`` trains (ReLU CAM + GAP), pitfall P1.
+
+    Args:
+        cam_logits: ``(B, C, h, w)``.
+        labels: ``(B, C)``.
+        seeds: ``(B, H, W)`` or ``(B, h, w)`` integer.
+        pool_weight: ``(C, C, k, k)`` or ``None``.
+        head: one of :data:`SLM_HEADS`.
+        seg_weight: ``fuse_cam_seg_loss_rate`` (0.5).
+        tau: ReLU6 bound and regression scale (6); the ``cam`` head uses it only as the regression scale.
+        seg_reduction: ``"sum"`` (official) or ``"mean"`` (P3), see :func:`seg_loss`.
+        seed_resize_mode: ``"nearest"`` (official) or ``"nearest-exact"``, see :func:`downsample_seeds`.
+
+    Returns:
+        ``{"cls": MLSM(logits, y), "seg": seg_weight * L_seg}`` scalar tensors.
+    """
+    _check_maps(cam_logits)
+    _check_labels(cam_logits, labels)
+    _check_head(head)
+    if seeds.dim() != 3 or seeds.shape[0] != cam_logits.shape[0]:
+        raise ValueError(f"seeds must be (B, H, W) with B = {cam_logits.shape[0]}, got {tuple(seeds.shape)}")
+    logits = slm_logits(cam_logits, head, pool_weight)
+    small = downsample_seeds(seeds, tuple(cam_logits.shape[-2:]), seed_resize_mode)
+    cam = slm_cam(cam_logits, head, tau)
+    return {
+        "cls": classification_loss(logits, labels),
+        "seg": seg_weight * seg_loss(cam, labels, small, tau, seg_reduction),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multi-scale CAMs (§2.2, §3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def wam_normalise(summed: Tensor, num_maps: int, tau: float = TAU) -> Tensor:
+    """WAM mixin normalisation: the MEAN of the ``num_maps`` summed maps divided by tau (cls.md §2.2, P2).
+
+    Absolute scale: maps of bounded CAMs land in ``[0, 1]``; no per-image max.
+    """
+    if num_maps < 1 or not tau > 0:
+        raise ValueError(f"num_maps must be >= 1 and tau > 0, got {num_maps}, {tau}")
+    return summed / (num_maps * tau)
+
+
+@torch.no_grad()
+def wam_multiscale_cams(
+    cam_fn: Callable[[Tensor], Tensor],
+    image: Tensor,
+    keys: Tensor,
+    scales: Sequence[float] = DEFAULT_CAM_SCALES,
+    tau: float = TAU,
+) -> CAMRecord:
+    """Multi-scale + flip CAMs with the WAM mixin (cls.md §2.2, §3): mean of the 8 maps, divided by tau.
+
+    Same loop, sizes and cropping as :func:`lit_wsss.cams.multiscale_cams` (the GLM mixin), which it
+    reuses through :func:`lit_wsss.cams.sum_over_scales`; only the normalisation differs: instead of the
+    per-class max, the sum over ``2 * len(scales)`` maps is divided by ``2 * len(scales) * tau``.
+
+    Args:
+        cam_fn: maps ``(N, 3, h, w)`` to the BOUNDED CAMs ``relu6(A)`` ``(N, C, h', w')``.
+        image: ``(3, H, W)`` or ``(1, 3, H, W)`` normalised image at its original size.
+        keys: ``(K,)`` 0-based indices of the classes to export.
+        scales: rescale factors, each batched with its horizontal flip.
+        tau: the bound (6).
+
+    Returns:
+        ``keys``, ``cam`` ``(K, ceil(H/4), ceil(W/4))`` and ``high_res`` ``(K, H, W)``, in ``[0, 1]`` when
+        ``cam_fn`` is bounded by tau.
+    """
+    if image.dim() == 4:
+        image = image[0]
+    height, width = image.shape[-2:]
+    strided_size = (math.ceil(height / 4), math.ceil(width / 4))
+    padded_size = (16 * math.ceil(height / 16), 16 * math.ceil(width / 16))
+    keys = keys.to(device=image.device, dtype=torch.long)
+
+    def flip_sum(pair: Tensor) -> Tensor:
+        cams = cam_fn(pair)[:, keys].float()
+        return cams[0] + cams[1].flip(-1)
+
+    strided, high_res = sum_over_scales(flip_sum, image, scales, [strided_size, padded_size])
+    num_maps = 2 * len(scales)
+    return CAMRecord(
+        keys=keys,
+        cam=wam_normalise(strided, num_maps, tau),
+        high_res=wam_normalise(high_res[:, :height, :width], num_maps, tau),
+    )
+
+
+def slm_multiscale_cams(
+    cam_logits_fn: Callable[[Tensor], Tensor],
+    image: Tensor,
+    keys: Tensor,
+    head: str = "wam",
+    scales: Sequence[float] = DEFAULT_CAM_SCALES,
+    tau: float = TAU,
+) -> CAMRecord:
+    """The CAMs of a trained SLM (cls.md §3) for either head of P1.
+
+    ``wam``: :func:`wam_multiscale_cams` of ``relu6(A)`` (absolute, ÷ tau). ``cam``: the GLM mixin
+    (:func:`lit_wsss.cams.multiscale_cams` of ``relu(A)``: sum, ÷ per-class max), as the released script
+    would export. The GLM itself uses :func:`lit_wsss.cams.multiscale_cams` directly.
+
+    Args:
+        cam_logits_fn: maps ``(N, 3, h, w)`` to the RAW ``A`` ``(N, C, h', w')``.
+        image, keys, scales: see :func:`wam_multiscale_cams`.
+        head: one of :data:`SLM_HEADS`.
+        tau: the bound of the ``wam`` head.
+    """
+    _check_head(head)
+    if head == "wam":
+        return wam_multiscale_cams(lambda x: bounded_cam(cam_logits_fn(x), tau), image, keys, scales, tau)
+    return multiscale_cams(lambda x: F.relu(cam_logits_fn(x)), image, keys, scales)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pseudo masks (§2.3) and rounds (§2.5)
+# ----------------------------------------------------------------------------------------------------
+
+
+def gslm_crf(image: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+    """GSLM's dense CRF (cls.md §2.3, :data:`GSLM_CRF_PARAMS`): IRN's ``crf_inference_label`` with the
+    Gaussian compat 10 instead of 3; same signature as the ``crf`` argument of ``ir_label``."""
+    p = GSLM_CRF_PARAMS
+    return crf_inference_label(
+        image,
+        labels,
+        n_labels,
+        t=p["iterations"],
+        gt_prob=p["gt_prob"],
+        gauss=(p["gaussian"]["sxy"], p["gaussian"]["compat"]),
+        bilateral=(p["bilateral"]["sxy"], p["bilateral"]["srgb"], p["bilateral"]["compat"]),
+    )
+
+
+def _identity_crf(image: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
+    return np.asarray(labels)
+
+
+def pseudo_mask(
+    image: np.ndarray,
+    high_res: Tensor | np.ndarray,
+    keys: Tensor | np.ndarray,
+    fg_threshold: float = CONF_FG_THRESHOLD,
+    bg_threshold: float = CONF_BG_THRESHOLD,
+    crf: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = gslm_crf,
+) -> Tensor:
+    """The pseudo mask (seeds) of one image for the next round (cls.md §2.3, P7).
+
+    ``fg = keys'[CRF(argmax[fg_threshold; M])]``, ``bg = keys'[CRF(argmax[bg_threshold; M])]`` (ties to
+    the background plane), ``Y = fg``; ``Y = 255`` where ``fg`` is background but ``bg`` is not; class
+    conflicts go to ``fg``. This is exactly ``ir_label`` of ``lit_wsss.refine.ir_labels`` with the
+    ``constant`` convention, reused here; the only GSLM difference is the CRF's Gaussian compat (10).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB at the CAM resolution.
+        high_res: ``(K, H, W)`` CAMs of the image's classes (GLM mixin for Y_0, the SLM's mixin after each
+            round; the thresholds mean different things for the two, P2).
+        keys: ``(K,)`` 0-based class indices.
+        fg_threshold, bg_threshold: ``conf_fg_thres`` 0.30 / ``conf_bg_thres`` 0.05.
+        crf: the refiner ``crf(image, compact_labels, n_labels)``; default :func:`gslm_crf`; ``None`` = no
+            refinement (identity).
+
+    Returns:
+        ``(H, W)`` int64: 0 background, ``c + 1`` class ``c``, 255 ignore. No gradient.
+    """
+    cams = high_res.detach().cpu().float().numpy() if isinstance(high_res, Tensor) else np.asarray(high_res)
+    keys_np = keys.detach().cpu().long().numpy() if isinstance(keys, Tensor) else np.asarray(keys)
+    label = ir_label(
+        np.asarray(image), cams, keys_np, float(fg_threshold), float(bg_threshold),
+        convention="constant", crf=_identity_crf if crf is None else crf,
+    )  # fmt: skip
+    return torch.from_numpy(label.astype(np.int64))
+
+
+class RoundThresholds(NamedTuple):
+    """Thresholds used after SLM round ``r`` (cls.md §2.5)."""
+
+    #: background plane of the CAM evaluation of theta_{r+1} (0.15 + 0.1 r); also the final CAM's
+    #: threshold after the last round (§3: 0.35).
+    eval_bg: float
+    #: planes of the pseudo-mask cut Y_{r+1} (§2.3), constant across rounds.
+    conf_fg: float
+    conf_bg: float
+
+
+def round_thresholds(round_index: int) -> RoundThresholds:
+    """The threshold schedule of SLM round ``r`` (0-based: r = 0, 1, 2 for ``fuse_cam_num_iter = 3``).
+
+    ``eval_bg = 0.15 + 0.1 r`` (0.15, 0.25, 0.35), rounded to 10 decimals so that logged values read
+    0.35 rather than 0.35000000000000003; ``conf_fg / conf_bg = 0.30 / 0.05`` every round. Rounds past
+    the official 3 continue the linear rise.
+
+    Raises:
+        ValueError: a negative or non-integer round index.
+    """
+    if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 0:
+        raise ValueError(f"round_index must be an integer >= 0, got {round_index!r}")
+    return RoundThresholds(
+        eval_bg=round(EVAL_THRESHOLD + EVAL_THRESHOLD_INCREMENT * int(round_index), 10),
+        conf_fg=CONF_FG_THRESHOLD,
+        conf_bg=CONF_BG_THRESHOLD,
+    )
+
+
+__all__ = [
+    "CONF_BG_THRESHOLD",
+    "CONF_FG_THRESHOLD",
+    "EVAL_THRESHOLD",
+    "EVAL_THRESHOLD_INCREMENT",
+    "GSLM_CRF_PARAMS",
+    "GSLM_EPS",
+    "IGNORE_INDEX",
+    "LOSS_KEYS",
+    "NUM_ROUNDS",
+    "SEG_LOSS_WEIGHT",
+    "SEG_REDUCTIONS",
+    "SLM_HEADS",
+    "SMOOTH_L1_BETA",
+    "TAU",
+    "WAM_POOL_SIZE",
+    "RoundThresholds",
+    "bounded_cam",
+    "class_activation_map",
+    "classification_loss",
+    "downsample_seeds",
+    "gap_logits",
+    "gap_pool_weight",
+    "gslm_crf",
+    "max_normalise",
+    "pseudo_mask",
+    "round_thresholds",
+    "seg_loss",
+    "seg_loss_terms",
+    "slm_cam",
+    "slm_logits",
+    "slm_losses",
+    "slm_multiscale_cams",
+    "wam_logits",
+    "wam_multiscale_cams",
+    "wam_normalise",
+]

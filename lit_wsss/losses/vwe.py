@@ -1,0 +1,702 @@
+"""VWE core: visual-word encoding, HSPP, the three classification losses, VWL options and CAM inference.
+
+Pure functions of tensors (batch-first, no module state: the codebook and the 1x1 classifier weights are
+passed in as tensors), reimplemented from ../shared/methods/vwe.md §2 (forward pass, losses, gradient
+routing), §3 (CAM inference), §4 (background score), §5 (hyper-parameters), §7 (VWL options) and §8
+(pitfalls); tests follow §10 items 1-5, 7 and 8. Shapes: ``B`` images, ``C`` foreground classes, ``D``
+feature channels, ``K`` words, ``(h, w)`` the feature map of the last stage::
+
+    f2     = stage2(stage1(x)).detach()                      backbone_levels       (§2, P3; not memory_bank)
+    F      = stage4(stage3(f2))                               (B, D, h, w)
+    z      = [g GAP(F) + sum_s mean_cells(MaxPool_{k=floor(h/s)}(F))] / (g + |L|)   hspp (§2, P6)
+    p_img  = W_cls z                                          L1 = MLSM(p_img, y)
+    S      = softmax_K( cos(codebook_k, sg(F)) / T )          word_assignment (§2, P3, P5)
+    hist   = sum_{i,j} S                                      word_histogram  (a SUM, P4)
+    p_w2i  = W_a hist                                         L2 = MLSM(p_w2i, y)
+    y_word = 1[k is the argmax of S at >= 1 pixel]            word_labels (no gradient, P10)
+    p_word = W_b GAP(F)                                       L3 = MLSM(p_word, y_word)
+    L      = L1 + L2 + L3                                     (ijcai, all weights 1, §5)
+           + 1.0 L_decov,  L_decov = 0.5 (||Cov||_F - ||diag Cov||_2),  Cov = Dc Dc^T   (learned_v2, §7a)
+    L      = L1 + L3, codebook <- rho M + (1 - rho) codebook (hard-assignment EMA)     (memory_bank, §7b)
+
+    CAM    = relu(W_cls F); per scale max(A, flip(A_flipped)); sum over scales;
+             keep label channels; / (max + 1e-5); background = constant bkgscore plane    (§3, §4, P7)
+
+Gradient routing (§2, P3): L1 -> W_cls and F; L2 -> codebook and W_a only (F is detached inside
+:func:`word_assignment`); L3 -> W_b and F (``y_word`` carries no gradient). The detach after stage 2 is
+done by :func:`backbone_levels`. Labels are the batch convention of the datamodules: ``(B, C)`` multi-hot
+over the FOREGROUND classes (VWE has no background class in training).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lit_wsss.cams import CAMRecord, sum_over_scales
+
+#: Codebook size (vwe.md §5; ``Net(k_words=256)``).
+NUM_WORDS = 256
+#: HSPP weight of the global average (vwe.md §2, §5).
+HSPP_GAMMA = 2.0
+#: HSPP pyramid levels (vwe.md §2, §5).
+HSPP_LEVELS: tuple[int, ...] = (1, 2, 4)
+#: Temperature of the softmax over the cosines (vwe.md §5, P5: plain softmax).
+WORD_TEMPERATURE = 1.0
+#: Negative slope of the codebook's ``kaiming_normal_`` init (vwe.md §5; std = 1/sqrt(3 D)).
+CODEBOOK_INIT_A = math.sqrt(5.0)
+#: Codebook strategies (vwe.md §7).
+STRATEGIES: tuple[str, ...] = ("ijcai", "learned_v2", "memory_bank")
+#: Stage whose output is detached, per strategy (vwe.md §2, §7b, P3); ``None`` = no detach.
+DETACH_AFTER_STAGE: dict[str, int | None] = {"ijcai": 2, "learned_v2": 2, "memory_bank": None}
+#: Loss weights (vwe.md §5, §7a). ``ent`` is computed but has weight 0 in the released v2 code.
+LOSS_WEIGHTS: dict[str, float] = {"img": 1.0, "w2i": 1.0, "word": 1.0, "decov": 1.0, "ent": 0.0}
+#: EMA rate of the memory-bank codebook (vwe.md §7b: v2/train_cam_mbk.py; 0.01 is dead code).
+MEMORY_BANK_RHO = 1e-3
+#: Constant added to the per-word pixel count of the memory-bank mean (vwe.md §7b).
+MEMORY_BANK_EPS = 1e-4
+#: Inference scales (vwe.md §3, §5).
+CAM_SCALES: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+#: Added to the per-class spatial max before normalising the CAMs (vwe.md §3).
+CAM_NORM_EPS = 1e-5
+#: Constant background score of the CAM evaluation (vwe.md §4, §5): IJCAI config and v2 config.
+BKG_SCORE = 0.14
+BKG_SCORE_V2 = 0.13
+#: Flip fusions at inference (vwe.md §3, P7): ``max`` is VWE's, ``sum`` is IRN's.
+FLIP_FUSIONS: tuple[str, ...] = ("max", "sum")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _as_matrix(weight: Tensor, name: str) -> Tensor:
+    """A 1x1 conv weight ``(O, I, 1, 1)`` or a matrix ``(O, I)`` as ``(O, I)``."""
+    if weight.dim() == 4 and tuple(weight.shape[-2:]) == (1, 1):
+        return weight[:, :, 0, 0]
+    if weight.dim() == 2:
+        return weight
+    raise ValueError(
+        f"{name} must be a 1x1 conv weight (O, I, 1, 1) or a matrix (O, I), got {tuple(weight.shape)}"
+    )
+
+
+def _check_features(features: Tensor) -> None:
+    if features.dim() != 4:
+        raise ValueError(f"features must be (B, D, h, w), got {tuple(features.shape)}")
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown codebook strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def linear_logits(z: Tensor, weight: Tensor, name: str = "weight") -> Tensor:
+    """Bias-free linear head ``z W^T`` (the official 1x1 convs on a ``1 x 1`` map).
+
+    Args:
+        z: ``(B, I)`` pooled features or histogram.
+        weight: ``(O, I)`` or ``(O, I, 1, 1)``.
+        name: name used in error messages.
+
+    Returns:
+        ``(B, O)`` logits.
+    """
+    w = _as_matrix(weight, name)
+    if z.dim() != 2 or z.shape[1] != w.shape[1]:
+        raise ValueError(f"{name} expects (B, {w.shape[1]}) inputs, got {tuple(z.shape)}")
+    return z @ w.to(z.dtype).t()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backbone detach point (§2, §7b, P3)
+# ----------------------------------------------------------------------------------------------------
+
+
+def backbone_levels(
+    x: Tensor, stages: Sequence[Callable[[Tensor], Tensor]], detach_after: int | None = 2
+) -> list[Tensor]:
+    """Run the backbone stages in order and cut the gradient after stage ``detach_after`` (vwe.md §2, P3).
+
+    IJCAI and learned_v2: ``f2 = stage2(stage1(x)).detach()`` so stage1/stage2 get no gradient at all;
+    memory_bank: no detach (``detach_after=None``, see :data:`DETACH_AFTER_STAGE`). Freezing conv1/bn1 and
+    the frozen-statistics BatchNorm (P2) belong to the module.
+
+    Args:
+        x: ``(B, 3, H, W)`` input.
+        stages: callables ``[stage1, stage2, stage3, stage4]`` (any number >= 1).
+        detach_after: 1-based index of the stage whose output is detached, or ``None``.
+
+    Returns:
+        The output of every stage; the last one is ``F`` ``(B, D, h, w)``.
+    """
+    if len(stages) == 0:
+        raise ValueError("need at least one stage")
+    if detach_after is not None and not 1 <= detach_after <= len(stages):
+        raise ValueError(f"detach_after must be in [1, {len(stages)}] or None, got {detach_after}")
+    levels = []
+    out = x
+    for index, stage in enumerate(stages, start=1):
+        out = stage(out)
+        if index == detach_after:
+            out = out.detach()
+        levels.append(out)
+    return levels
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hybrid spatial pyramid pooling (§2, P6)
+# ----------------------------------------------------------------------------------------------------
+
+
+def hspp(
+    features: Tensor,
+    gamma: float = HSPP_GAMMA,
+    levels: Sequence[int] = HSPP_LEVELS,
+    adaptive_cells: bool = False,
+) -> Tensor:
+    """Hybrid spatial pyramid pooling of the FEATURES (vwe.md §2, P6; training only).
+
+    ``[gamma GAP(F) + sum_{s in levels} mean_cells(MaxPool(F))] / (gamma + |levels|)``. Official rule
+    (default): kernel ``(floor(h/s), floor(w/s))``, stride = kernel, no padding, so the grid has
+    ``floor(h / floor(h/s))`` cells per side (can exceed ``s``) and leftover rows/columns are dropped.
+    ``adaptive_cells=True`` uses an exact ``s x s`` adaptive max pooling instead (covers every pixel; equal
+    to the official rule when ``s`` divides ``h`` and ``w``).
+
+    Args:
+        features: ``(B, D, h, w)``.
+        gamma: weight of the global average.
+        levels: pyramid levels ``s``.
+        adaptive_cells: see above.
+
+    Returns:
+        ``(B, D)`` pooled features (the official ``(B, D, 1, 1)`` flattened).
+    """
+    _check_features(features)
+    h, w = features.shape[-2:]
+    if len(levels) == 0 or min(levels) < 1:
+        raise ValueError(f"levels must be positive integers, got {tuple(levels)}")
+    if not adaptive_cells and max(levels) > min(h, w):
+        raise ValueError(f"feature map {h}x{w} is smaller than pyramid level {max(levels)}")
+    total = gamma * features.mean(dim=(-2, -1))
+    for s in levels:
+        if adaptive_cells:
+            cells = F.adaptive_max_pool2d(features, (s, s))
+        else:
+            kernel = (h // s, w // s)
+            cells = F.max_pool2d(features, kernel_size=kernel, stride=kernel, padding=0)
+        total = total + cells.mean(dim=(-2, -1))
+    return total / (gamma + len(levels))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Visual word encoder (§2, §5, P3-P5, P10)
+# ----------------------------------------------------------------------------------------------------
+
+
+def init_codebook(
+    num_words: int = NUM_WORDS, dim: int = 2048, generator: torch.Generator | None = None
+) -> Tensor:
+    """Initial codebook: ``kaiming_normal_(a=sqrt 5)`` on a ``(K, D, 1, 1)`` tensor (vwe.md §5).
+
+    Fan-in ``D``, gain ``sqrt(2 / (1 + 5))``, hence std ``1 / sqrt(3 D)`` (≈ 0.0128 for D = 2048).
+
+    Returns:
+        ``(K, D)`` float tensor (wrap it in a Parameter, or a buffer for memory_bank).
+    """
+    weight = torch.empty(num_words, dim, 1, 1)
+    torch.nn.init.kaiming_normal_(weight, a=CODEBOOK_INIT_A, generator=generator)
+    return weight[:, :, 0, 0].contiguous()
+
+
+def word_assignment(features: Tensor, codebook: Tensor, temperature: float = WORD_TEMPERATURE) -> Tensor:
+    """Soft word assignment ``S = softmax_K(cos(codebook_k, F_ij) / T)`` (vwe.md §2, ``_cosine``).
+
+    The features are DETACHED here (P3: the codebook learns only from L2); both sides are L2-normalised
+    with :func:`torch.nn.functional.normalize` (``v / max(||v||, 1e-12)``). Temperature 1 by default (P5).
+
+    Args:
+        features: ``(B, D, h, w)`` last-stage features ``F`` (NOT pre-detached by the caller).
+        codebook: ``(K, D)`` or ``(K, D, 1, 1)``.
+        temperature: softmax temperature ``T > 0``.
+
+    Returns:
+        ``(B, K, h, w)``; sums to 1 over ``K`` at every pixel; gradient reaches only ``codebook``.
+    """
+    _check_features(features)
+    words = _as_matrix(codebook, "codebook")
+    if words.shape[1] != features.shape[1]:
+        raise ValueError(f"codebook has dim {words.shape[1]}, features have {features.shape[1]} channels")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    fn = F.normalize(features.detach(), dim=1)
+    cn = F.normalize(words.to(fn.dtype), dim=1)
+    cos = torch.einsum("kd,bdhw->bkhw", cn, fn)
+    return torch.softmax(cos / temperature, dim=1)
+
+
+def word_histogram(assignment: Tensor, normalise: bool = False) -> Tensor:
+    """Soft word histogram ``hist[b, k] = sum_{i,j} S[b, k, i, j]`` (vwe.md §2).
+
+    A SUM over the ``h w`` locations (P4; sums to ``h w`` per image). ``normalise=True`` divides by
+    ``h w`` (a frequency; changes the effective LR of W_a and the codebook, not the official behaviour).
+
+    Args:
+        assignment: ``(B, K, h, w)`` from :func:`word_assignment`.
+        normalise: see above.
+
+    Returns:
+        ``(B, K)``.
+    """
+    if assignment.dim() != 4:
+        raise ValueError(f"assignment must be (B, K, h, w), got {tuple(assignment.shape)}")
+    hist = assignment.sum(dim=(-2, -1))
+    if normalise:
+        hist = hist / (assignment.shape[-2] * assignment.shape[-1])
+    return hist
+
+
+def word_labels(assignment: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Hard visual-word labels ``y_word`` (vwe.md §2), computed without gradient.
+
+    ``y_word[b, k] = 1`` iff ``k = argmax_k' S[b, k', i, j]`` at one pixel at least (ties -> lowest index).
+    By default every pixel of the crop votes, zero padding included (P10, kept for parity); ``valid``
+    (the corrected behaviour) restricts the vote to pixels marked True (an image with no valid pixel
+    then has no word).
+
+    Args:
+        assignment: ``(B, K, h, w)``.
+        valid: optional ``(B, h, w)`` bool mask at the feature resolution.
+
+    Returns:
+        ``(B, K)`` float in {0, 1}, detached.
+    """
+    if assignment.dim() != 4:
+        raise ValueError(f"assignment must be (B, K, h, w), got {tuple(assignment.shape)}")
+    b, k, h, w = assignment.shape
+    with torch.no_grad():
+        hard = F.one_hot(assignment.detach().argmax(dim=1), num_classes=k)  # (B, h, w, K)
+        if valid is not None:
+            if tuple(valid.shape) != (b, h, w):
+                raise ValueError(f"valid must be (B, h, w) = ({b}, {h}, {w}), got {tuple(valid.shape)}")
+            hard = hard * valid.to(hard.dtype)[..., None]
+        return (hard.amax(dim=(1, 2)) > 0).to(assignment.dtype)
+
+
+def word_entropy(word_logits: Tensor) -> Tensor:
+    """``L_ent = mean_b H(softmax(p_word[b]))`` (vwe.md §7a; weight 0 in the released code).
+
+    Args:
+        word_logits: ``(B, K)``.
+
+    Returns:
+        Scalar tensor (natural log).
+    """
+    if word_logits.dim() != 2:
+        raise ValueError(f"word_logits must be (B, K), got {tuple(word_logits.shape)}")
+    logp = torch.log_softmax(word_logits, dim=1)
+    return -(logp.exp() * logp).sum(dim=1).mean()
+
+
+def decov_loss(codebook: Tensor, squared: bool = False) -> Tensor:
+    """Codebook decorrelation loss of VWL's learned strategy (vwe.md §7a).
+
+    ``Dc`` = codebook rows centred by their own mean over ``D``; ``Cov = Dc Dc^T`` (no normalisation);
+    official: ``0.5 (||Cov||_F - sqrt(sum_k Cov_kk^2))`` (norms, not squared norms). ``squared=True``
+    gives the DeCov form of Cogswell et al., ``0.5 (||Cov||_F^2 - sum_k Cov_kk^2)`` (half the sum of
+    the squared off-diagonal entries).
+
+    Args:
+        codebook: ``(K, D)`` or ``(K, D, 1, 1)``.
+        squared: see above.
+
+    Returns:
+        Scalar tensor, >= 0, zero iff the centred rows are pairwise orthogonal.
+    """
+    words = _as_matrix(codebook, "codebook")
+    dc = words - words.mean(dim=1, keepdim=True)
+    cov = dc @ dc.t()
+    diag = torch.diagonal(cov)
+    if squared:
+        return 0.5 * (cov.pow(2).sum() - diag.pow(2).sum())
+    return 0.5 * (torch.linalg.matrix_norm(cov, ord="fro") - torch.linalg.vector_norm(diag))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory-bank codebook (§7b, P12)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pixels(features: Tensor) -> Tensor:
+    """``(B, D, h, w)`` -> ``(B h w, D)`` raw pixel features, detached."""
+    _check_features(features)
+    return features.detach().permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+
+
+def hard_word_assignment(features: Tensor, codebook: Tensor) -> Tensor:
+    """``a[p] = argmax_k cos(F_p, codebook_k)`` for every pixel of the batch (vwe.md §7b, P12 intended).
+
+    Args:
+        features: ``(B, D, h, w)``.
+        codebook: ``(K, D)`` or ``(K, D, 1, 1)``.
+
+    Returns:
+        ``(B h w,)`` int64 word indices, pixels in ``(b, i, j)`` row-major order.
+    """
+    words = _as_matrix(codebook, "codebook").detach()
+    pixels = _pixels(features)
+    if words.shape[1] != pixels.shape[1]:
+        raise ValueError(f"codebook has dim {words.shape[1]}, features have {pixels.shape[1]} channels")
+    cos = F.normalize(pixels, dim=1) @ F.normalize(words.to(pixels.dtype), dim=1).t()
+    return cos.argmax(dim=1)
+
+
+def memory_bank_init(
+    features: Tensor, num_words: int = NUM_WORDS, generator: torch.Generator | None = None
+) -> Tensor:
+    """Codebook after the FIRST iteration: ``K`` raw pixel features of the first batch (vwe.md §7b).
+
+    Sampled uniformly at random with replacement among the ``B h w`` pixels, detached.
+
+    Returns:
+        ``(K, D)``.
+    """
+    pixels = _pixels(features)
+    index = torch.randint(pixels.shape[0], (num_words,), generator=generator)
+    return pixels[index.to(pixels.device)].clone()
+
+
+def memory_bank_update(
+    codebook: Tensor, features: Tensor, rho: float = MEMORY_BANK_RHO, eps: float = MEMORY_BANK_EPS
+) -> Tensor:
+    """One EMA step of the memory-bank codebook (vwe.md §7b), without gradient.
+
+    ``M_k = sum_{p: a[p] = k} F_p / (count_k + eps)`` over the raw (un-normalised) features of the whole
+    batch, ``M_k = 0`` for an unused word; ``codebook <- rho M + (1 - rho) codebook`` (unused words decay by
+    ``1 - rho``). ``eps=0`` gives exact means. Call it after the forward pass that used the old codebook.
+
+    Args:
+        codebook: ``(K, D)`` or ``(K, D, 1, 1)`` current codebook (used for the assignment).
+        features: ``(B, D, h, w)`` last-stage features of this batch.
+        rho: EMA rate.
+        eps: added to the per-word count.
+
+    Returns:
+        New ``(K, D)`` codebook (the input is not modified).
+    """
+    words = _as_matrix(codebook, "codebook").detach()
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"rho must be in [0, 1], got {rho}")
+    pixels = _pixels(features).to(words.dtype)
+    assign = hard_word_assignment(features, words)
+    k = words.shape[0]
+    sums = torch.zeros_like(words).index_add_(0, assign, pixels)
+    counts = torch.bincount(assign, minlength=k).to(words.dtype)[:, None]
+    used = counts > 0
+    means = torch.where(used, sums / torch.where(used, counts + eps, torch.ones_like(counts)), 0.0)
+    return rho * means + (1.0 - rho) * words
+
+
+def memory_bank_step(
+    codebook: Tensor,
+    features: Tensor,
+    step: int,
+    rho: float = MEMORY_BANK_RHO,
+    eps: float = MEMORY_BANK_EPS,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The codebook after training step ``step`` (0-based) of the memory-bank strategy (vwe.md §7b).
+
+    Step 0: :func:`memory_bank_init` on this batch (replaces the kaiming init; no EMA that step);
+    later steps: :func:`memory_bank_update`.
+
+    Returns:
+        New ``(K, D)`` codebook.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step == 0:
+        return memory_bank_init(features, _as_matrix(codebook, "codebook").shape[0], generator).to(
+            codebook.dtype
+        )
+    return memory_bank_update(codebook, features, rho, eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Losses (§2, §7)
+# ----------------------------------------------------------------------------------------------------
+
+
+def vwe_forward(
+    features: Tensor,
+    cls_weight: Tensor,
+    codebook: Tensor,
+    word_weight: Tensor,
+    w2i_weight: Tensor | None = None,
+    gamma: float = HSPP_GAMMA,
+    levels: Sequence[int] = HSPP_LEVELS,
+    temperature: float = WORD_TEMPERATURE,
+    normalise_histogram: bool = False,
+    adaptive_cells: bool = False,
+    word_valid: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The training forward pass of vwe.md §2 after the backbone.
+
+    Args:
+        features: ``(B, D, h, w)`` ``F`` (with gradient; see :func:`backbone_levels`).
+        cls_weight: ``(C, D[, 1, 1])`` image classifier ``W_cls``.
+        codebook: ``(K, D[, 1, 1])``.
+        word_weight: ``(K, D[, 1, 1])`` word classifier ``W_b``.
+        w2i_weight: ``(C, K[, 1, 1])`` word-to-image head ``W_a``, or ``None`` (no ``p_w2i``/``hist``).
+        gamma, levels, adaptive_cells: see :func:`hspp`.
+        temperature: see :func:`word_assignment`.
+        normalise_histogram: see :func:`word_histogram`.
+        word_valid: see :func:`word_labels`.
+
+    Returns:
+        ``p_img (B, C)``, ``assignment (B, K, h, w)``, ``y_word (B, K)``, ``p_word (B, K)`` and, when
+        ``w2i_weight`` is given, ``hist (B, K)`` and ``p_w2i (B, C)``.
+    """
+    _check_features(features)
+    k = _as_matrix(codebook, "codebook").shape[0]
+    if _as_matrix(word_weight, "word_weight").shape[0] != k:
+        raise ValueError(f"word_weight must have K = {k} rows, got {tuple(word_weight.shape)}")
+    out = {"p_img": linear_logits(hspp(features, gamma, levels, adaptive_cells), cls_weight, "cls_weight")}
+    assignment = word_assignment(features, codebook, temperature)
+    out["assignment"] = assignment
+    out["y_word"] = word_labels(assignment, word_valid)
+    out["p_word"] = linear_logits(features.mean(dim=(-2, -1)), word_weight, "word_weight")
+    if w2i_weight is not None:
+        out["hist"] = word_histogram(assignment, normalise_histogram)
+        out["p_w2i"] = linear_logits(out["hist"], w2i_weight, "w2i_weight")
+    return out
+
+
+def vwe_losses(
+    features: Tensor,
+    cls_weight: Tensor,
+    codebook: Tensor,
+    word_weight: Tensor,
+    w2i_weight: Tensor | None,
+    labels: Tensor,
+    strategy: str = "ijcai",
+    weights: Mapping[str, float] | None = None,
+    gamma: float = HSPP_GAMMA,
+    levels: Sequence[int] = HSPP_LEVELS,
+    temperature: float = WORD_TEMPERATURE,
+    normalise_histogram: bool = False,
+    adaptive_cells: bool = False,
+    word_valid: Tensor | None = None,
+    decov_squared: bool = False,
+) -> dict[str, Tensor]:
+    """All VWE loss terms, already weighted (vwe.md §2, §5, §7); ``L = sum(dict.values())``.
+
+    Every term is :func:`torch.nn.functional.multilabel_soft_margin_loss` (mean over classes, then batch;
+    for L3 a mean over the ``K`` words, P14)::
+
+        img  = w_img  MLSM(W_cls HSPP(F), y)               # L1
+        w2i  = w_w2i  MLSM(W_a hist(S(sg(F), codebook)), y) # L2   (ijcai, learned_v2)
+        word = w_word MLSM(W_b GAP(F), sg(y_word))          # L3
+        decov = w_decov decov_loss(codebook)                # learned_v2 only
+        ent  = w_ent word_entropy(p_word)                   # only when w_ent != 0 (0 in the code)
+
+    Module contract (what the caller passes):
+
+    - ``features``: ONLY the last backbone level ``F = stage4(stage3(f2))`` ``(B, D, h, w)``, with its
+      gradient (do not detach it: L1 and L3 train layer3/layer4 through it; the cosine detach is done
+      here). ``f2`` must be the DETACHED stage-2 output for ijcai/learned_v2 and the plain one for
+      memory_bank: use :func:`backbone_levels` with ``DETACH_AFTER_STAGE[strategy]``. conv1/bn1 frozen
+      and BatchNorm in frozen-statistics mode are the module's job (P2).
+    - ``cls_weight`` ``(C, D[,1,1])``, ``word_weight`` ``(K, D[,1,1])``, ``w2i_weight`` ``(C, K[,1,1])``:
+      the bias-free 1x1 conv weights (ijcai/learned_v2 need ``w2i_weight``; memory_bank ignores it).
+    - ``codebook`` ``(K, D[,1,1])``: a Parameter (ijcai/learned_v2; init :func:`init_codebook`) or, for
+      memory_bank, a buffer holding the codebook BEFORE this step's :func:`memory_bank_step` (call that
+      after the forward pass, and save the buffer with the checkpoint).
+    - ``labels`` ``(B, C)`` foreground multi-hot image labels.
+    - New parameters at 10x LR (§5): ``cls_weight``, ``codebook``, ``w2i_weight``, ``word_weight``.
+
+    Args:
+        features, cls_weight, codebook, word_weight, w2i_weight, labels: see above.
+        strategy: one of :data:`STRATEGIES`.
+        weights: overrides of :data:`LOSS_WEIGHTS` (keys ``img``, ``w2i``, ``word``, ``decov``, ``ent``).
+        gamma, levels, adaptive_cells: see :func:`hspp`.
+        temperature: see :func:`word_assignment`.
+        normalise_histogram: see :func:`word_histogram` (False = official sum).
+        word_valid: see :func:`word_labels` (None = official: padding votes).
+        decov_squared: see :func:`decov_loss` (False = official).
+
+    Returns:
+        ``{"img", "word"}`` plus ``"w2i"`` (ijcai, learned_v2), ``"decov"`` (learned_v2) and ``"ent"``
+        (only when its weight is non-zero); scalar tensors.
+    """
+    _check_strategy(strategy)
+    w = dict(LOSS_WEIGHTS)
+    if weights is not None:
+        unknown = set(weights) - set(LOSS_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown loss weights {sorted(unknown)}; expected keys of {sorted(LOSS_WEIGHTS)}")
+        w.update(weights)
+    use_w2i = strategy != "memory_bank"
+    if use_w2i and w2i_weight is None:
+        raise ValueError(f"strategy {strategy!r} needs w2i_weight (the word-to-image head W_a)")
+    out = vwe_forward(
+        features,
+        cls_weight,
+        codebook,
+        word_weight,
+        w2i_weight if use_w2i else None,
+        gamma=gamma,
+        levels=levels,
+        temperature=temperature,
+        normalise_histogram=normalise_histogram,
+        adaptive_cells=adaptive_cells,
+        word_valid=word_valid,
+    )
+    b, c = out["p_img"].shape
+    if labels.dim() != 2 or tuple(labels.shape) != (b, c):
+        raise ValueError(f"labels must be (B, C) = ({b}, {c}) foreground multi-hot, got {tuple(labels.shape)}")
+    y = labels.to(out["p_img"].dtype)
+    losses = {
+        "img": w["img"] * F.multilabel_soft_margin_loss(out["p_img"], y),
+        "word": w["word"] * F.multilabel_soft_margin_loss(out["p_word"], out["y_word"].to(y.dtype)),
+    }
+    if use_w2i:
+        losses["w2i"] = w["w2i"] * F.multilabel_soft_margin_loss(out["p_w2i"], y)
+    if strategy == "learned_v2":
+        losses["decov"] = w["decov"] * decov_loss(codebook, squared=decov_squared)
+    if w["ent"] != 0.0:
+        losses["ent"] = w["ent"] * word_entropy(out["p_word"])
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# CAM inference (§3, §4, P7, P13)
+# ----------------------------------------------------------------------------------------------------
+
+
+def cam_from_features(features: Tensor, cls_weight: Tensor) -> Tensor:
+    """Inference CAM ``relu(W_cls F)`` (vwe.md §3; no HSPP, no VWE, no bias, P6).
+
+    Args:
+        features: ``(N, D, h, w)``.
+        cls_weight: ``(C, D[, 1, 1])``.
+
+    Returns:
+        ``(N, C, h, w)`` non-negative.
+    """
+    _check_features(features)
+    wc = _as_matrix(cls_weight, "cls_weight")
+    if wc.shape[1] != features.shape[1]:
+        raise ValueError(f"cls_weight expects {wc.shape[1]} channels, features have {features.shape[1]}")
+    return F.relu(torch.einsum("cd,ndhw->nchw", wc.to(features.dtype), features))
+
+
+def fuse_flip_pair(pair_cams: Tensor, mode: str = "max") -> Tensor:
+    """Merge the CAMs of an image and of its horizontal flip (vwe.md §3, P7).
+
+    ``relu`` per pass (idempotent on :func:`cam_from_features` output), then ``max(A[0], flip(A[1]))``
+    (VWE, default) or ``A[0] + flip(A[1])`` (``mode="sum"``, IRN).
+
+    Args:
+        pair_cams: ``(2, C, h, w)``: row 0 the image, row 1 the flipped image.
+        mode: ``"max"`` or ``"sum"``.
+
+    Returns:
+        ``(C, h, w)``.
+    """
+    if pair_cams.dim() != 4 or pair_cams.shape[0] != 2:
+        raise ValueError(f"pair_cams must be (2, C, h, w), got {tuple(pair_cams.shape)}")
+    if mode not in FLIP_FUSIONS:
+        raise ValueError(f"unknown flip fusion {mode!r}; expected one of {FLIP_FUSIONS}")
+    a = F.relu(pair_cams)
+    unflipped = a[1].flip(-1)
+    return torch.maximum(a[0], unflipped) if mode == "max" else a[0] + unflipped
+
+
+@torch.no_grad()
+def multiscale_vwe_cams(
+    cam_fn: Callable[[Tensor], Tensor],
+    image: Tensor,
+    keys: Tensor,
+    scales: Sequence[float] = CAM_SCALES,
+    flip_fusion: str = "max",
+) -> CAMRecord:
+    """Multi-scale + flip CAMs of one image as VWE's ``infer_cam.py`` (vwe.md §3).
+
+    Per scale, ``cam_fn`` runs on the (rescaled image, its flip) pair (rescaling of
+    :func:`lit_wsss.cams.scaled_flip_pairs`: antialiased bicubic on the normalised tensor instead of PIL
+    bicubic on uint8, P13), the pair is merged by :func:`fuse_flip_pair` (max); the label channels are
+    bilinearly resized (``align_corners=False``) to ``(ceil(H/4), ceil(W/4))`` and directly to ``(H, W)``
+    (no 16-multiple padding, unlike IRN) and summed over scales; every kept channel is divided by its
+    spatial max + 1e-5. Selecting the label channels before the resize equals selecting them after.
+
+    Args:
+        cam_fn: ``(N, 3, h, w) -> (N, C, h', w')`` CAMs, e.g. ``cam_from_features(backbone(x), W_cls)``.
+        image: ``(3, H, W)`` or ``(1, 3, H, W)`` normalised image at its original size.
+        keys: ``(K,)`` 0-based foreground indices of the image's labels.
+        scales: rescale factors.
+        flip_fusion: see :func:`fuse_flip_pair`.
+
+    Returns:
+        ``{"keys", "cam" (K, ceil(H/4), ceil(W/4)), "high_res" (K, H, W)}`` float32.
+    """
+    if flip_fusion not in FLIP_FUSIONS:
+        raise ValueError(f"unknown flip fusion {flip_fusion!r}; expected one of {FLIP_FUSIONS}")
+    if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    if image.dim() != 3:
+        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    keys = keys.to(device=image.device, dtype=torch.long)
+    sizes = [(math.ceil(height / 4), math.ceil(width / 4)), (height, width)]
+
+    def fused(pair: Tensor) -> Tensor:
+        return fuse_flip_pair(cam_fn(pair)[:, keys].float(), flip_fusion)
+
+    strided, high_res = sum_over_scales(fused, image, scales, sizes)
+    if len(keys):  # an image without labels keeps its empty (0, h, w) maps
+        strided = strided / (strided.flatten(1).amax(1).view(-1, 1, 1) + CAM_NORM_EPS)
+        high_res = high_res / (high_res.flatten(1).amax(1).view(-1, 1, 1) + CAM_NORM_EPS)
+    return CAMRecord(keys=keys, cam=strided, high_res=high_res)
+
+
+def with_background(cams: Tensor, bkgscore: float = BKG_SCORE) -> Tensor:
+    """Prepend the constant background score plane (vwe.md §4: 0.14 IJCAI, 0.13 v2, P8).
+
+    Args:
+        cams: ``(K, H, W)`` normalised CAMs of the present classes.
+        bkgscore: the constant background score.
+
+    Returns:
+        ``(K + 1, H, W)`` with channel 0 equal to ``bkgscore``.
+    """
+    if cams.dim() != 3:
+        raise ValueError(f"cams must be (K, H, W), got {tuple(cams.shape)}")
+    return torch.cat([cams.new_full((1, *cams.shape[-2:]), bkgscore), cams], dim=0)
+
+
+def cams_to_segmentation(cams: Tensor, keys: Tensor, bkgscore: float = BKG_SCORE) -> Tensor:
+    """Segmentation ids from CAMs (vwe.md §4): ``argmax([bkgscore, cams])`` mapped through ``(0, keys + 1)``.
+
+    Ties go to the first channel (background first), as ``np.argmax`` on the padded stack.
+
+    Args:
+        cams: ``(K, H, W)`` normalised CAMs.
+        keys: ``(K,)`` 0-based foreground class indices.
+        bkgscore: the constant background score.
+
+    Returns:
+        ``(H, W)`` int64: 0 background, ``k + 1`` for class ``k``.
+    """
+    if cams.dim() != 3 or keys.dim() != 1 or len(keys) != cams.shape[0]:
+        raise ValueError(f"need cams (K, H, W) and keys (K,), got {tuple(cams.shape)} and {tuple(keys.shape)}")
+    index = with_background(cams, bkgscore).argmax(dim=0)
+    lookup = torch.cat([keys.new_zeros(1), keys + 1]).to(device=cams.device, dtype=torch.long)
+    return lookup[index]
