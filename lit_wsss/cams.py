@@ -100,6 +100,22 @@ def multiscale_cams(
 
     Deviation: the rescaling of :func:`scaled_flip_pairs`.
     """
+    record = multiscale_cam_sums(cam_fn, image, keys, scales)
+    for name in ("cam", "high_res"):
+        record[name] /= record[name].flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS  # type: ignore[literal-required]
+    return record
+
+
+@torch.no_grad()
+def multiscale_cam_sums(
+    cam_fn: Callable[[Tensor], Tensor],
+    image: Tensor,
+    keys: Tensor,
+    scales: Sequence[float] = DEFAULT_CAM_SCALES,
+) -> CAMRecord:
+    """:func:`multiscale_cams` before the normalisation: the flip-summed CAMs summed over scales, strided
+    (``ceil(H/4) x ceil(W/4)``) and high-resolution (at the 16-multiple padded size, cropped to ``H x W``).
+    For methods that normalise differently (GSLM's bounded CAMs, cls.md §2.4)."""
     if image.dim() == 4:
         image = image[0]
     height, width = image.shape[-2:]
@@ -112,10 +128,7 @@ def multiscale_cams(
         return cams[0] + cams[1].flip(-1)
 
     strided, high_res = sum_over_scales(flip_sum, image, scales, [strided_size, padded_size])
-    high_res = high_res[:, :height, :width]
-    strided /= strided.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS
-    high_res /= high_res.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS
-    return CAMRecord(keys=keys, cam=strided, high_res=high_res)
+    return CAMRecord(keys=keys, cam=strided, high_res=high_res[:, :height, :width])
 
 
 def cams_to_mask(

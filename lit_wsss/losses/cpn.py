@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_wsss.losses.common import as_matrix
+
 #: CPN's constant in the CAM normalisations, the PCM L2 norm and the affinity normalisation (cpn.md §8).
 CPN_EPS = 1e-5
 #: Fraction of ``K * H * W`` entries kept per image by the OHEM of L_cpcr (cpn.md §5, §10 C6).
@@ -101,20 +103,9 @@ def _with_background(z: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _as_matrix(weight: Tensor, name: str) -> Tensor:
-    """A 1x1 conv weight ``(O, I, 1, 1)`` or a matrix ``(O, I)`` as ``(O, I)``."""
-    if weight.dim() == 4 and tuple(weight.shape[-2:]) == (1, 1):
-        return weight[:, :, 0, 0]
-    if weight.dim() == 2:
-        return weight
-    raise ValueError(
-        f"{name} must be a 1x1 conv weight (O, I, 1, 1) or a matrix (O, I), got {tuple(weight.shape)}"
-    )
-
-
 def _conv1x1(f: Tensor, weight: Tensor, name: str) -> Tensor:
     """Bias-free 1x1 convolution of ``f`` ``(B, I, ...)`` flattened to ``(B, O, n)``."""
-    w = _as_matrix(weight, name)
+    w = as_matrix(weight, name)
     b, c = f.shape[:2]
     if w.shape[1] != c:
         raise ValueError(f"{name} expects {w.shape[1]} input channels, features have {c}")

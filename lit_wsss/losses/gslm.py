@@ -33,7 +33,6 @@ load of the GLM weights, the per-round optimiser restart) belong to the module a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -42,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_wsss.cams import DEFAULT_CAM_SCALES, CAMRecord, multiscale_cams, sum_over_scales
+from lit_wsss.cams import DEFAULT_CAM_SCALES, CAMRecord, multiscale_cam_sums, multiscale_cams
 from lit_wsss.refine.ir_labels import crf_inference_label, ir_label
 
 #: Activation bound tau of the SLM: ReLU6 cap, regression target on seeds, WAM-mixin divisor (cls.md §5).
@@ -432,23 +431,12 @@ def wam_multiscale_cams(
         ``keys``, ``cam`` ``(K, ceil(H/4), ceil(W/4))`` and ``high_res`` ``(K, H, W)``, in ``[0, 1]`` when
         ``cam_fn`` is bounded by tau.
     """
-    if image.dim() == 4:
-        image = image[0]
-    height, width = image.shape[-2:]
-    strided_size = (math.ceil(height / 4), math.ceil(width / 4))
-    padded_size = (16 * math.ceil(height / 16), 16 * math.ceil(width / 16))
-    keys = keys.to(device=image.device, dtype=torch.long)
-
-    def flip_sum(pair: Tensor) -> Tensor:
-        cams = cam_fn(pair)[:, keys].float()
-        return cams[0] + cams[1].flip(-1)
-
-    strided, high_res = sum_over_scales(flip_sum, image, scales, [strided_size, padded_size])
+    sums = multiscale_cam_sums(cam_fn, image, keys, scales)
     num_maps = 2 * len(scales)
     return CAMRecord(
-        keys=keys,
-        cam=wam_normalise(strided, num_maps, tau),
-        high_res=wam_normalise(high_res[:, :height, :width], num_maps, tau),
+        keys=sums["keys"],
+        cam=wam_normalise(sums["cam"], num_maps, tau),
+        high_res=wam_normalise(sums["high_res"], num_maps, tau),
     )
 
 

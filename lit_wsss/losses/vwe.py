@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_wsss.losses.common import as_matrix
+
 from lit_wsss.cams import CAMRecord, sum_over_scales
 
 #: Codebook size (vwe.md §5; ``Net(k_words=256)``).
@@ -75,17 +77,6 @@ FLIP_FUSIONS: tuple[str, ...] = ("max", "sum")
 # ----------------------------------------------------------------------------------------------------
 
 
-def _as_matrix(weight: Tensor, name: str) -> Tensor:
-    """A 1x1 conv weight ``(O, I, 1, 1)`` or a matrix ``(O, I)`` as ``(O, I)``."""
-    if weight.dim() == 4 and tuple(weight.shape[-2:]) == (1, 1):
-        return weight[:, :, 0, 0]
-    if weight.dim() == 2:
-        return weight
-    raise ValueError(
-        f"{name} must be a 1x1 conv weight (O, I, 1, 1) or a matrix (O, I), got {tuple(weight.shape)}"
-    )
-
-
 def _check_features(features: Tensor) -> None:
     if features.dim() != 4:
         raise ValueError(f"features must be (B, D, h, w), got {tuple(features.shape)}")
@@ -107,7 +98,7 @@ def linear_logits(z: Tensor, weight: Tensor, name: str = "weight") -> Tensor:
     Returns:
         ``(B, O)`` logits.
     """
-    w = _as_matrix(weight, name)
+    w = as_matrix(weight, name)
     if z.dim() != 2 or z.shape[1] != w.shape[1]:
         raise ValueError(f"{name} expects (B, {w.shape[1]}) inputs, got {tuple(z.shape)}")
     return z @ w.to(z.dtype).t()
@@ -229,7 +220,7 @@ def word_assignment(features: Tensor, codebook: Tensor, temperature: float = WOR
         ``(B, K, h, w)``; sums to 1 over ``K`` at every pixel; gradient reaches only ``codebook``.
     """
     _check_features(features)
-    words = _as_matrix(codebook, "codebook")
+    words = as_matrix(codebook, "codebook")
     if words.shape[1] != features.shape[1]:
         raise ValueError(f"codebook has dim {words.shape[1]}, features have {features.shape[1]} channels")
     if temperature <= 0:
@@ -318,7 +309,7 @@ def decov_loss(codebook: Tensor, squared: bool = False) -> Tensor:
     Returns:
         Scalar tensor, >= 0, zero iff the centred rows are pairwise orthogonal.
     """
-    words = _as_matrix(codebook, "codebook")
+    words = as_matrix(codebook, "codebook")
     dc = words - words.mean(dim=1, keepdim=True)
     cov = dc @ dc.t()
     diag = torch.diagonal(cov)
@@ -348,7 +339,7 @@ def hard_word_assignment(features: Tensor, codebook: Tensor) -> Tensor:
     Returns:
         ``(B h w,)`` int64 word indices, pixels in ``(b, i, j)`` row-major order.
     """
-    words = _as_matrix(codebook, "codebook").detach()
+    words = as_matrix(codebook, "codebook").detach()
     pixels = _pixels(features)
     if words.shape[1] != pixels.shape[1]:
         raise ValueError(f"codebook has dim {words.shape[1]}, features have {pixels.shape[1]} channels")
@@ -389,7 +380,7 @@ def memory_bank_update(
     Returns:
         New ``(K, D)`` codebook (the input is not modified).
     """
-    words = _as_matrix(codebook, "codebook").detach()
+    words = as_matrix(codebook, "codebook").detach()
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho must be in [0, 1], got {rho}")
     pixels = _pixels(features).to(words.dtype)
@@ -421,7 +412,7 @@ def memory_bank_step(
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if step == 0:
-        return memory_bank_init(features, _as_matrix(codebook, "codebook").shape[0], generator).to(
+        return memory_bank_init(features, as_matrix(codebook, "codebook").shape[0], generator).to(
             codebook.dtype
         )
     return memory_bank_update(codebook, features, rho, eps)
@@ -463,8 +454,8 @@ def vwe_forward(
         ``w2i_weight`` is given, ``hist (B, K)`` and ``p_w2i (B, C)``.
     """
     _check_features(features)
-    k = _as_matrix(codebook, "codebook").shape[0]
-    if _as_matrix(word_weight, "word_weight").shape[0] != k:
+    k = as_matrix(codebook, "codebook").shape[0]
+    if as_matrix(word_weight, "word_weight").shape[0] != k:
         raise ValueError(f"word_weight must have K = {k} rows, got {tuple(word_weight.shape)}")
     out = {"p_img": linear_logits(hspp(features, gamma, levels, adaptive_cells), cls_weight, "cls_weight")}
     assignment = word_assignment(features, codebook, temperature)
@@ -590,7 +581,7 @@ def cam_from_features(features: Tensor, cls_weight: Tensor) -> Tensor:
         ``(N, C, h, w)`` non-negative.
     """
     _check_features(features)
-    wc = _as_matrix(cls_weight, "cls_weight")
+    wc = as_matrix(cls_weight, "cls_weight")
     if wc.shape[1] != features.shape[1]:
         raise ValueError(f"cls_weight expects {wc.shape[1]} channels, features have {features.shape[1]}")
     return F.relu(torch.einsum("cd,ndhw->nchw", wc.to(features.dtype), features))
