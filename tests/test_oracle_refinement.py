@@ -6,7 +6,6 @@ import math
 
 import cv2
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
