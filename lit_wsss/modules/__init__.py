@@ -6,5 +6,6 @@ from lit_wsss.modules.cam_head import CAMHeadMixin
 from lit_wsss.modules.cpn import CPN
 from lit_wsss.modules.irn import IRN
 from lit_wsss.modules.sipe import SIPE
+from lit_wsss.modules.vwe import VWE
 
-__all__ = ["CAM", "CAMHeadMixin", "CPN", "IRN", "SIPE", "WSSSModule"]
+__all__ = ["CAM", "CAMHeadMixin", "CPN", "IRN", "SIPE", "VWE", "WSSSModule"]
