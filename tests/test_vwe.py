@@ -126,8 +126,8 @@ def test_overfit_words_do_not_collapse(shared_data):
     from lit_wsss.losses.vwe import word_assignment, word_labels
 
     mini = shared_data / "voc12-mini"
-    ids = (mini / "train.txt").read_text().split()[:8]
-    data = VOCDataModule(root=str(mini), train_list=str(mini / "train.txt"), val_list=str(mini / "train.txt"),
+    ids = (mini / "val.txt").read_text().split()[:8]
+    data = VOCDataModule(root=str(mini), train_list=str(mini / "val.txt"), val_list=str(mini / "train.txt"),
                          cls_labels=str(shared_data / "voc12" / "cls_labels.npy"), crop_size=128,
                          resize_long=(128, 192), batch_size=8, num_workers=0)
     data.setup("fit")
@@ -136,8 +136,9 @@ def test_overfit_words_do_not_collapse(shared_data):
     model = VWE(num_classes=20, backbone="efficientnet_lite0", pretrained="imagenet", frozen_levels=2)
     optimizer = torch.optim.SGD(model.parameter_groups(), lr=0.01, momentum=0.9)
     history = []
+    fixed = next(iter(data.train_dataloader()))  # the same 8 crops every step: an overfit test
     for _ in range(200):
-        losses = model.training_losses(next(iter(data.train_dataloader())))
+        losses = model.training_losses(fixed)
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
@@ -146,6 +147,5 @@ def test_overfit_words_do_not_collapse(shared_data):
     last = torch.tensor(history[-10:]).mean(0)
     assert (last < first).all(), (first, last)
     with torch.no_grad():
-        sample = next(iter(data.train_dataloader()))
-        active = word_labels(word_assignment(model.features(sample["image"]), model.codebook)).sum(1)
+        active = word_labels(word_assignment(model.features(fixed["image"]), model.codebook)).sum(1)
     assert (active > 1).all(), active
