@@ -1,6 +1,6 @@
 """``lit-wsss pipeline``: the IRN chain as one command (../shared/methods/protocol.md, pipeline steps 1-7).
 
-train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels.
+[train encoder ->] train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels.
 
 Every stage is the ordinary CLI run (``lit-wsss fit/predict``, ``eval-cam``, ``ir-labels``) with its own output
 folder under ``--out``; each stage reads the manifest of the one before (style.md P8), so a stage can also be
@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="processes for the IR labels (CRF)")
     parser.add_argument("--cam-args", default="", help="extra lit-wsss arguments for CAM training and export")
     parser.add_argument("--irn-args", default="", help="extra lit-wsss arguments for IRNet training and inference")
+    parser.add_argument("--encoder-args", default="",
+                        help="extra lit-wsss arguments for a method's stage-A encoder (experiments/<data>/"
+                             "<method>_encoder.yaml, e.g. SLAMs)")
     parser.add_argument("--ir-args", default="",
                         help="extra ir-labels arguments, e.g. '--fg 0.5 --bg 0.2' (the background convention is "
                              "read from the CAM manifest)")
@@ -84,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     irn_args = _configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
     cams, ir_labels, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
     summary: list[dict[str, Any]] = []
+    encoder_config = EXPERIMENTS / args.data / f"{args.method}_encoder.yaml"
+    encoder_args = ["--config", str(EXPERIMENTS / args.data / "_base.yaml"), "--config", str(encoder_config),
+                    *data_args, *shlex.split(args.encoder_args)]
+    if encoder_config.is_file():  # a method trained in two stages: its CAM network needs the encoder (SLAMs)
+        cam_args.append(f"--model.init_args.encoder_checkpoint={out / 'encoder' / 'checkpoints' / 'last.ckpt'}")
 
     def stage(name: str, action: Any, result: Any = None) -> None:
         start = time.perf_counter()
@@ -110,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         count = args.num_classes or read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]
         return ["--num-classes", str(count)]
 
+    if encoder_config.is_file():
+        stage("train encoder", lambda: checkpoints.update(encoder=_fit(encoder_args, out / "encoder")),
+              lambda: {"checkpoint": str(checkpoints["encoder"])})
     stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
           lambda: {"checkpoint": str(checkpoints["cam"])})
     stage("CAMs", lambda: _predict([*cam_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),

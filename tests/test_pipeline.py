@@ -11,7 +11,7 @@ from lit_wsss.pipeline import main
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-@pytest.mark.parametrize("method", ["cam", "sipe", "cpn"])
+@pytest.mark.parametrize("method", ["cam", "sipe", "cpn", "vwe", "slams"])
 def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
@@ -22,16 +22,22 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
         "--out", str(tmp_path / "run"), "--workers", "1",
         "--cam-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
                       f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
-                      "--model.init_args.cam_scales=[1.0] --trainer.limit_val_batches=1",
+                      "--model.init_args.cam_scales=[1.0] --trainer.limit_val_batches=1"
+                      + (" --model.init_args.encoder_backbone=resnet18 --model.init_args.se_size=32"
+                         if method == "slams" else ""),
         "--irn-args", f"{data} --data.init_args.crop_size=96 --model.init_args.crop_size=96 {common}",
+        # SLAMs: stage A first (experiments/synth/slams_encoder.yaml), its checkpoint passed to stage B
+        "--encoder-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
+                          f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
+                          "--model.init_args.se_size=32 --trainer.limit_val_batches=1",
     ])
     assert code == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline |")]
     stages = [line.split("|")[1].split(":")[1].strip() for line in printed]
-    assert stages == ["train CAM", "CAMs", "eval CAMs", "IR labels", "train IRNet", "pseudo labels",
-                      "eval pseudo labels"]
+    assert stages == ["train encoder"] * (method == "slams") + [
+        "train CAM", "CAMs", "eval CAMs", "IR labels", "train IRNet", "pseudo labels", "eval pseudo labels"]
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert "mIoU" in summary[2] and "mIoU" in summary[-1]
+    assert "mIoU" in summary[-5] and "mIoU" in summary[-1]
     assert json.loads((tmp_path / "run" / "eval_cams.json").read_text())["num_classes"] == 4  # from the manifest
     run = tmp_path / "run"
     assert len(list((run / "pseudo_labels").glob("*.png"))) == 4

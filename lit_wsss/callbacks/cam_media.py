@@ -44,8 +44,8 @@ class CAMMedia(Callback):
         self.out_dir = out_dir
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
+        if trainer.sanity_checking or not trainer.is_global_zero or not hasattr(pl_module, "infer_cams"):
+            return  # (a module without CAMs, e.g. SLAMs' stage-A encoder, has no figures)
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         # None for a method with its own background (SIPE): panels only, no sweep table or curve

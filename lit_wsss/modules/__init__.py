@@ -6,6 +6,7 @@ from lit_wsss.modules.cam_head import CAMHeadMixin
 from lit_wsss.modules.cpn import CPN
 from lit_wsss.modules.irn import IRN
 from lit_wsss.modules.sipe import SIPE
+from lit_wsss.modules.slams import SLAMs, SemanticEncoder
 from lit_wsss.modules.vwe import VWE
 
-__all__ = ["CAM", "CAMHeadMixin", "CPN", "IRN", "SIPE", "VWE", "WSSSModule"]
+__all__ = ["CAM", "CAMHeadMixin", "CPN", "IRN", "SIPE", "SLAMs", "SemanticEncoder", "VWE", "WSSSModule"]
