@@ -37,8 +37,11 @@ test: install  ## the test suite without slow and GPU tests (what CI runs)
 test-all: install  ## every test, slow ones included
 	$(BIN)/python -m pytest -q -m "not gpu" $(ARGS)
 
-train: install  ## make train METHOD=cam DATA=voc ARGS="--data.init_args.root ... --trainer.devices 4"
-	$(BIN)/lit-wsss fit $(CFG) $(ARGS)
+# GSLM trains in rounds (GLM -> seeds -> SLM x 3): its `train` is the `lit-wsss gslm` driver
+TRAIN_CMD = $(if $(filter gslm,$(METHOD)),gslm --data $(DATA),fit $(CFG))
+
+train: install  ## make train METHOD=cam DATA=voc ARGS="--data.init_args.root ... --trainer.devices 4" (gslm: ARGS="--root ...")
+	$(BIN)/lit-wsss $(TRAIN_CMD) $(ARGS)
 
 cams: install  ## make cams DATA=synth CKPT=path/last.ckpt OUT=outputs/cams  (CAM files + manifest; resumes)
 	$(BIN)/lit-wsss predict $(CFG) --config experiments/stages/predict_cams.yaml --ckpt_path $(CKPT) \

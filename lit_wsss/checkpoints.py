@@ -98,11 +98,14 @@ def convert_official_cpn_state_dict(state: dict[str, Tensor]) -> dict[str, Tenso
     return converted
 
 
-def load_initial_state_dict(path: str | Path, module: nn.Module) -> dict[str, Tensor]:
+def load_initial_state_dict(
+    path: str | Path, module: nn.Module, allow_missing: tuple[str, ...] = ()
+) -> dict[str, Tensor]:
     """Read ``path`` and return a state dict in ``module``'s key layout, ready for a strict load.
 
     Accepts a Lightning checkpoint (its ``state_dict``), an official IRN or CPN checkpoint, or a plain state
-    dict.
+    dict. Keys starting with one of ``allow_missing`` may be absent from the file (they keep the module's own
+    values).
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the missing and unexpected
     keys when the file does not fit the module.
     """
@@ -120,7 +123,11 @@ def load_initial_state_dict(path: str | Path, module: nn.Module) -> dict[str, Te
     elif is_official_cpn_state_dict(state):
         state = convert_official_cpn_state_dict(state)
         source = "official CPN checkpoint"
-    expected = set(module.state_dict())
+    own = module.state_dict()
+    # layers the file cannot have (e.g. GSLM's new pooling head on GLM weights) keep the module's values
+    if allow_missing:
+        state = {**{k: v for k, v in own.items() if k.startswith(allow_missing) and k not in state}, **state}
+    expected = set(own)
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:

@@ -55,6 +55,7 @@ TOOLS = {
     "eval-cam": ("lit_wsss.evaluation", "evaluate a CAM folder over a sweep of background thresholds"),
     "ir-labels": ("lit_wsss.refine.ir_labels", "CAMs -> confident fg/bg seeds with dense CRF (IRN step 4)"),
     "pipeline": ("lit_wsss.pipeline", "train CAM -> CAMs -> eval -> IR labels -> IRNet -> pseudo labels -> eval"),
+    "gslm": ("lit_wsss.gslm_rounds", "GSLM: GLM -> seeds -> SLM rounds, each evaluated (make train METHOD=gslm)"),
 }
 
 

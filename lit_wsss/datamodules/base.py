@@ -210,6 +210,9 @@ class WSSSDataModule(pl.LightningDataModule):
         crop_size: training crop (IRN 512).
         resize_long: range of the random long side before cropping (IRN 320..640).
         train_transform: named training pipeline (``lit_wsss.datamodules.transforms``).
+        seed_dir: pixel pseudo masks (``<id>.png``: 0 background, c+1 class c, 255 ignore) for the TRAINING
+            images, cropped and flipped with them as ``mask`` (GSLM's seeds, cls.md §2.4); ``None``: image
+            labels only.
     """
 
     num_classes: int
@@ -223,8 +226,10 @@ class WSSSDataModule(pl.LightningDataModule):
         crop_size: int = 512,
         resize_long: tuple[int, int] = (320, 640),
         train_transform: str = "irn_cls",
+        seed_dir: str | None = None,
     ) -> None:
         super().__init__()
+        self.seed_dir = Path(seed_dir) if seed_dir else None
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -258,6 +263,12 @@ class WSSSDataModule(pl.LightningDataModule):
             raise FileNotFoundError(
                 f"{len(absent)} images of {ids_source} are missing, e.g. {[str(p) for p in absent[:3]]}"
             )
+        if train and self.seed_dir is not None and mask_paths is None:
+            mask_paths = [self.seed_dir / f"{i}.png" for i in ids]
+            lacking = [p for p in mask_paths if not p.is_file()]
+            if lacking:
+                raise FileNotFoundError(f"{len(lacking)} training ids of {ids_source} have no pseudo mask in "
+                                        f"seed_dir {self.seed_dir}, e.g. {[str(p) for p in lacking[:3]]}")
         transform = (
             build_train_transform(self.train_transform, self.crop_size, self.resize_long) if train else inference()
         )
@@ -305,4 +316,5 @@ class WSSSDataModule(pl.LightningDataModule):
             "crop_size": self.crop_size,
             "resize_long": list(self.resize_long),
             "train_transform": self.train_transform,
+            "seed_dir": str(self.seed_dir) if self.seed_dir else None,
         }

@@ -246,7 +246,7 @@ class COCODataModule(WSSSDataModule):
         train_list, val_list, predict_list: optional list files (SIPE's ``train_coco.txt`` style, one name per
             line) resolved like VOC lists. Without one, every image with at least one non-crowd annotation is
             used; SIPE's 82081 / 40137 lists presumably follow the same rule (protocol.md §1.4).
-        crop_size, resize_long, train_transform, batch_size, val_batch_size, num_workers:
+        crop_size, resize_long, train_transform, seed_dir, batch_size, val_batch_size, num_workers:
             see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
     """
 
@@ -263,13 +263,14 @@ class COCODataModule(WSSSDataModule):
         crop_size: int = 512,
         resize_long: tuple[int, int] = (320, 640),
         train_transform: str = "irn_cls",
+        seed_dir: str | None = None,
         batch_size: int = 16,
         val_batch_size: int = 1,
         num_workers: int = 4,
     ) -> None:
         super().__init__(
             batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers, crop_size=crop_size,
-            resize_long=resize_long, train_transform=train_transform,
+            resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir,
         )
         self.save_hyperparameters()
         self.root = Path(root)

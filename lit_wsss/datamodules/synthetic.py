@@ -548,7 +548,7 @@ class SyntheticVOCDataModule(VOCDataModule):
         num_classes, num_train, num_val, image_size, context_class, context_prob, generator_seed:
             generator parameters (see :func:`generate_synthetic_voc`).
         predict_list: split exported by ``lit-wsss predict`` (default ``val``).
-        crop_size, resize_long, train_transform, batch_size, val_batch_size, num_workers:
+        crop_size, resize_long, train_transform, seed_dir, batch_size, val_batch_size, num_workers:
             see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
     """
 
@@ -566,6 +566,7 @@ class SyntheticVOCDataModule(VOCDataModule):
         crop_size: int = 128,
         resize_long: tuple[int, int] = (96, 160),
         train_transform: str = "irn_cls",
+        seed_dir: str | None = None,
         batch_size: int = 16,
         val_batch_size: int = 1,
         num_workers: int = 2,
@@ -573,7 +574,7 @@ class SyntheticVOCDataModule(VOCDataModule):
         super().__init__(
             root=root, train_list="train", val_list="val", predict_list=predict_list, mask_dir="SegmentationClass",
             crop_size=crop_size,
-            resize_long=resize_long, train_transform=train_transform, batch_size=batch_size,
+            resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir, batch_size=batch_size,
             val_batch_size=val_batch_size, num_workers=num_workers,
         )
         self.class_names = SYNTHETIC_CLASS_NAMES[:num_classes]

@@ -31,6 +31,7 @@ class VOCDataModule(WSSSDataModule):
         crop_size: training crop (IRN 512).
         resize_long: range of the random long side before cropping (IRN 320..640).
         train_transform: named training pipeline (``lit_wsss.datamodules.transforms``).
+        seed_dir: pixel pseudo masks of the training images (GSLM), see :class:`WSSSDataModule`.
         batch_size, val_batch_size, num_workers: see :class:`WSSSDataModule`.
     """
 
@@ -45,13 +46,14 @@ class VOCDataModule(WSSSDataModule):
         crop_size: int = 512,
         resize_long: tuple[int, int] = (320, 640),
         train_transform: str = "irn_cls",
+        seed_dir: str | None = None,
         batch_size: int = 16,
         val_batch_size: int = 1,
         num_workers: int = 4,
     ) -> None:
         super().__init__(
             batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers, crop_size=crop_size,
-            resize_long=resize_long, train_transform=train_transform,
+            resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir,
         )
         self.save_hyperparameters()
         # Read from attributes, not self.hparams: under LightningCLI a subclass's hparams hold only its own

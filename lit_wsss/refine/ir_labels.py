@@ -310,6 +310,7 @@ class _Job:
     fg_threshold: float | None
     bg_threshold: float | None
     bg_factor: float | None
+    crf_gaussian_compat: float = 3
 
 
 def _process(job: _Job, image_id: str) -> str:
@@ -325,8 +326,9 @@ def _process(job: _Job, image_id: str) -> str:
                          f"{image.shape[0]} but CAM file {cam_path} has high_res of {high_res.shape[2]}x"
                          f"{high_res.shape[1]} (width x height)")
     try:
+        crf = functools.partial(crf_inference_label, gauss=(CRF_PARAMS["gaussian"]["sxy"], job.crf_gaussian_compat))
         label = ir_label(image, high_res, keys, job.fg_threshold, job.bg_threshold, bg=bg,
-                         convention=job.convention, bg_factor=job.bg_factor)
+                         convention=job.convention, bg_factor=job.bg_factor, crf=crf)
     except ValueError as error:
         raise ValueError(f"CAM file {cam_path} (image {image_path}): {error}") from None
     write_bytes_atomic(Path(job.out_dir) / f"{image_id}.png", palette_png_bytes(label))
@@ -369,6 +371,7 @@ def make_ir_labels(
     *,
     bg_factor: float | None = None,
     overwrite: bool = False,
+    crf_gaussian_compat: float = 3,
 ) -> dict[str, Any]:
     """IR labels of a folder of CAM files (protocol.md §6.1): one palette PNG per id, plus a manifest.
 
@@ -384,6 +387,8 @@ def make_ir_labels(
         progress: tqdm progress bar on stderr.
         bg_factor: ``explicit`` only, default 0.5 (SIPE's halving).
         overwrite: recompute every id and replace a manifest of other parameters (default: resume, refuse).
+        crf_gaussian_compat: compat of the CRF's Gaussian term: IRN's helper uses 3, GSLM's refiner 10
+            (cls.md §2.3).
 
     Returns:
         ``written``, ``skipped`` (PNG already there), ``seconds``, ``images_per_second`` (written / seconds),
@@ -424,7 +429,7 @@ def make_ir_labels(
         "cams_protocol": cams_manifest.get("protocol"),
         "convention": convention,
         **params,
-        "crf": CRF_PARAMS,
+        "crf": {**CRF_PARAMS, "gaussian": {**CRF_PARAMS["gaussian"], "compat": crf_gaussian_compat}},
         "cams_manifest": cams_manifest,
         "root": str(root.resolve()),
         "spec": "../shared/methods/protocol.md §6.1; conventions: protocol.md §5, sipe.md §5.3, cpn.md §7",
@@ -467,7 +472,7 @@ def make_ir_labels(
 
     todo = ids if overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
     job = _Job(str(cams_dir), str(image_dir), str(out_dir), convention,
-               params["fg_threshold"], params["bg_threshold"], params["bg_factor"])
+               params["fg_threshold"], params["bg_threshold"], params["bg_factor"], crf_gaussian_compat)
     bar = tqdm(total=len(todo), desc=STAGE, unit="img", disable=not progress)
     try:
         if workers == 1 or len(todo) <= 1:
@@ -539,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bg-factor", type=float, default=None,
                         help="explicit only: factor on bg for the low-confidence map "
                              f"(default {SIPE_BG_FACTOR}, SIPE's halving)")
+    parser.add_argument("--crf-gaussian-compat", type=float, default=3,
+                        help="compat of the CRF's Gaussian term (IRN 3; GSLM's seeds use 10, cls.md §2.3)")
     parser.add_argument("--out", required=True, help="output folder of <id>.png and manifest.json")
     parser.add_argument("--workers", type=int, default=_default_workers(),
                         help="processes (default: available CPUs; 1 = in-process)")
@@ -561,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         result = make_ir_labels(
             args.cams, root, ids, args.out, fg=args.fg, bg=args.bg, convention=convention,
             workers=args.workers, progress=not args.no_progress, bg_factor=args.bg_factor,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, crf_gaussian_compat=args.crf_gaussian_compat,
         )
     except (OSError, ValueError) as error:
         print(f"{STAGE}: error: {error}", file=sys.stderr)
