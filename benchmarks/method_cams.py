@@ -7,7 +7,10 @@ at batch 16, 256-px crops), then ``lit-wsss predict`` of the final weights on th
 0.0..1.20) and report the fixed threshold and the best one (chosen on the evaluation masks: an oracle);
 methods with their own background (SIPE) report the plain argmax.
 
-    .venv/bin/python benchmarks/method_cams.py [--methods cam,sipe,cpn] [--out outputs/bench] [--epochs 5]
+    .venv/bin/python benchmarks/method_cams.py [--methods cam,sipe,cpn,vwe,slams] [--out outputs/bench] [--epochs 5]
+
+SLAMs trains its encoder first (same budget; ``train (s)`` is the sum of both stages). GSLM's rounds are not
+in this script yet (``lit-wsss gslm`` runs them).
 
 Not a test: tens of minutes per method on a 2-core CPU. Finished stages are reused on a rerun (delete
 ``--out`` to start over). Prints a markdown table and writes ``<out>/summary.json``.
@@ -27,6 +30,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO_ROOT / "experiments"
 SWEEPS = {"cpn": "0.0:1.2:0.01"}  # CPN maps are min-max normalised: its best tau lies above 0.6 (cpn.md §7)
+# SLAMs' stage A gets bench_cpu.yaml's data, backbone and budget (its model has no CAM arguments); both stages
+# run the encoder at 128 px instead of 224 to fit a CPU budget (stage B runs it on ~5 masked images per image).
+ENCODER_BENCH = ["--data.init_args.train_list=train", "--data.init_args.val_list=train", "--data.init_args.crop_size=256",
+                 "--data.init_args.resize_long=[192, 384]", "--data.init_args.batch_size=16",
+                 "--data.init_args.num_workers=2", "--trainer.accelerator=cpu", "--trainer.limit_val_batches=0",
+                 "--trainer.num_sanity_val_steps=0", "--seed_everything=0",
+                 "--model.init_args.backbone=efficientnet_lite0", "--model.init_args.pretrained=imagenet",
+                 "--model.init_args.frozen_levels=2", "--model.init_args.se_size=128"]
+STAGE_B_BENCH = ["--model.init_args.encoder_backbone=efficientnet_lite0", "--model.init_args.se_size=128"]
 
 
 def run(args: list[str], log: Path) -> float:
@@ -47,13 +59,26 @@ def bench(method: str, out: Path, root: Path, epochs: int) -> dict:
                "--config", str(EXPERIMENTS / "voc" / "bench_cpu.yaml"), f"--data.init_args.root={root}"]
     checkpoint = work / "checkpoints" / "last.ckpt"
     record: dict = {"method": method}
-    if not checkpoint.is_file():
+
+    def fit(args: list[str], folder: Path, name: str) -> float:
         logger = ('[{"class_path": "pytorch_lightning.loggers.CSVLogger", '
-                  f'"init_args": {{"save_dir": "{work}", "name": "{method}"}}}}]')
+                  f'"init_args": {{"save_dir": "{folder}", "name": "{name}"}}}}]')
         callbacks = ("[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
-                     f"{{dirpath: {work / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]")
-        record["train_s"] = run(["fit", *configs, f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={work}",
-                                 f"--trainer.logger={logger}", f"--trainer.callbacks={callbacks}"], work / "fit.log")
+                     f"{{dirpath: {folder / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]")
+        return run(["fit", *args, f"--trainer.max_epochs={epochs}", f"--trainer.default_root_dir={folder}",
+                    f"--trainer.logger={logger}", f"--trainer.callbacks={callbacks}"], folder / f"{name}.log")
+
+    encoder_config = EXPERIMENTS / "voc" / f"{method}_encoder.yaml"
+    if encoder_config.is_file():  # two-stage methods (SLAMs): the encoder first, same budget and backbone
+        encoder = work / "encoder"
+        encoder.mkdir(exist_ok=True)
+        if not (encoder / "checkpoints" / "last.ckpt").is_file():
+            record["encoder_s"] = fit(["--config", str(EXPERIMENTS / "voc" / "_base.yaml"), "--config", str(encoder_config),
+                                       *ENCODER_BENCH, f"--data.init_args.root={root}"], encoder, "encoder")
+        configs += [f"--model.init_args.encoder_checkpoint={encoder / 'checkpoints' / 'last.ckpt'}",
+                    *STAGE_B_BENCH]
+    if not checkpoint.is_file():
+        record["train_s"] = fit(configs, work, "fit")
     cams = work / "cams"
     if not (cams / "manifest.json").is_file():
         record["export_s"] = run(["predict", *configs, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
@@ -90,7 +115,7 @@ def main() -> int:
     print("| method | train (s) | export (s) | mIoU, default rule | best-threshold mIoU |")
     print("|---|---:|---:|---|---|")
     for r in records:
-        train, export = r.get("train_s"), r.get("export_s")
+        train, export = (r.get("train_s") or 0) + (r.get("encoder_s") or 0) or None, r.get("export_s")
         print(f"| {r['method']} | {train and f'{train:.0f}' or 'reused'} | {export and f'{export:.0f}' or 'reused'} | "
               f"{100 * r['headline']:.2f} ({r['headline_rule']}) | {100 * r['best']:.2f} ({r['best_rule']}) |")
     return 0
