@@ -29,6 +29,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO_ROOT / "experiments"
+# glibc returns large freed blocks to the OS and page-faults them back on the next step: with CPN's 3 x 16
+# crops that tripled the step time on the CPU (20 s -> 6.6 s per step with these, docs/benchmarks.md).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
+              "MALLOC_TOP_PAD_": "1073741824"}
 SWEEPS = {"cpn": "0.0:1.2:0.01"}  # CPN maps are min-max normalised: its best tau lies above 0.6 (cpn.md §7)
 # SLAMs' stage A gets bench_cpu.yaml's data, backbone and budget (its model has no CAM arguments); both stages
 # run the encoder at 128 px instead of 224 to fit a CPU budget (stage B runs it on ~5 masked images per image).
@@ -46,7 +50,8 @@ def run(args: list[str], log: Path) -> float:
     start = time.perf_counter()
     with log.open("w") as handle:
         code = subprocess.call([sys.executable, "-m", "lit_wsss", *args], stdout=handle, stderr=subprocess.STDOUT,
-                               cwd=REPO_ROOT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "offline"})
+                               cwd=REPO_ROOT, env={**os.environ, **MALLOC_ENV, "NO_ALBUMENTATIONS_UPDATE": "1",
+                                                   "WANDB_MODE": "offline"})
     if code:
         raise SystemExit(f"lit-wsss {args[0]} failed (exit {code}); see {log}")
     return time.perf_counter() - start

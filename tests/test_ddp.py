@@ -81,3 +81,36 @@ def test_two_process_training_has_no_unused_parameters_and_keeps_frozen_levels(t
     # ddp_spawn copies the trained weights back into this process's model
     assert torch.equal(model.backbone.layer2[0].conv1.weight, frozen_before)
     assert not torch.equal(model.backbone.layer4[0].conv1.weight, trained_before)
+
+
+def _method_model(name: str, tmp_path):
+    """A small model of each method whose training touches parameters differently, and its data transform."""
+    from lit_wsss.modules import CPN, SIPE, VWE, SemanticEncoder, SLAMs
+
+    common = {"num_classes": NUM_CLASSES, "backbone": "resnet18", "pretrained": None, "cam_scales": (1.0,)}
+    if name == "sipe":
+        return SIPE(**common), "irn_cls_valid"
+    if name == "cpn":
+        return CPN(**common), "cpn_grid"
+    if name == "vwe_memory_bank":
+        return VWE(**common, strategy="memory_bank", frozen_levels=1, num_words=8), "irn_cls"
+    encoder = SemanticEncoder(num_classes=NUM_CLASSES, backbone="resnet18", pretrained=None, embed_dim=8, se_size=32)
+    path = tmp_path / "encoder.ckpt"
+    torch.save({"state_dict": encoder.state_dict()}, path)
+    return SLAMs(**common, encoder_checkpoint=str(path), encoder_backbone="resnet18", embed_dim=8, se_size=32), \
+        "irn_cls_valid"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", ["sipe", "cpn", "vwe_memory_bank", "slams"])
+def test_two_process_training_of_each_method(name, tmp_path):
+    """Every method trains under 2-process DDP without find_unused_parameters: no parameter DDP can see is
+    left without a gradient (side convs, CPN heads, VWE's unused W_a, SLAMs' frozen encoder)."""
+    torch.manual_seed(0)
+    model, transform = _method_model(name, tmp_path)
+    datamodule = make_datamodule(tmp_path / "synthetic")
+    datamodule.batch_size, datamodule.train_transform, datamodule.crop_size = 2, transform, 64
+    before = model.backbone.layer4[0].conv1.weight.detach().clone()
+    pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0, logger=False,
+               enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False).fit(model, datamodule)
+    assert not torch.equal(model.backbone.layer4[0].conv1.weight, before)
