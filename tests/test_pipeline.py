@@ -11,7 +11,8 @@ from lit_wsss.pipeline import main
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-@pytest.mark.parametrize("method", ["cam", "sipe", "cpn", "vwe", "slams"])
+# cam, sipe (its own background) and slams (a pre-stage) cover the wiring; cpn and vwe add none: slow only
+@pytest.mark.parametrize("method", ["cam", "sipe", "slams", *(pytest.param(m, marks=pytest.mark.slow) for m in ("cpn", "vwe"))])
 def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
