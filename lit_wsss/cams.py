@@ -83,8 +83,11 @@ def multiscale_cams(
     image: Tensor,
     keys: Tensor,
     scales: Sequence[float] = DEFAULT_CAM_SCALES,
+    *,
+    flip_fusion: str = "sum",
+    high_res: str = "padded",
 ) -> CAMRecord:
-    """Multi-scale + flip CAMs of one image, exactly as IRN ``step/make_cam.py`` (protocol.md §4).
+    """Multi-scale + flip CAMs of one image, by default exactly as IRN ``step/make_cam.py`` (protocol.md §4).
 
     Args:
         cam_fn: maps a batch ``(N, 3, h, w)`` to non-negative CAMs ``(N, C, h', w')`` (ReLU already applied:
@@ -92,15 +95,18 @@ def multiscale_cams(
         image: ``(3, H, W)`` or ``(1, 3, H, W)`` ImageNet-normalised image at its original size.
         keys: ``(K,)`` 0-based indices of the classes to export (the image's labels).
         scales: rescale factors; each rescaled image is batched with its horizontal flip.
+        flip_fusion: ``sum`` (IRN) or ``max`` (VWE, vwe.md P7) of a pass and its un-flipped flip.
+        high_res: ``padded`` (IRN: resized to the 16-multiple padded size, then cropped) or ``full`` (resized
+            straight to ``H x W``: VWE, SLAMs-R).
 
     Returns:
-        ``keys``, the strided CAM (summed over scales at ``ceil(H/4) x ceil(W/4)``) and the high-resolution CAM
-        (summed at the 16-multiple padded size, then cropped to ``H x W``), each channel divided by its
-        spatial max + 1e-5. Scales are summed, not averaged: the max-normalisation removes the scale.
+        ``keys``, the strided CAM (summed over scales at ``ceil(H/4) x ceil(W/4)``) and the high-resolution CAM,
+        each channel divided by its spatial max + 1e-5. Scales are summed, not averaged: the max-normalisation
+        removes the scale.
 
     Deviation: the rescaling of :func:`scaled_flip_pairs`.
     """
-    record = multiscale_cam_sums(cam_fn, image, keys, scales)
+    record = multiscale_cam_sums(cam_fn, image, keys, scales, flip_fusion=flip_fusion, high_res=high_res)
     for name in ("cam", "high_res"):
         record[name] /= record[name].flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS  # type: ignore[literal-required]
     return record
@@ -112,23 +118,33 @@ def multiscale_cam_sums(
     image: Tensor,
     keys: Tensor,
     scales: Sequence[float] = DEFAULT_CAM_SCALES,
+    *,
+    flip_fusion: str = "sum",
+    high_res: str = "padded",
 ) -> CAMRecord:
-    """:func:`multiscale_cams` before the normalisation: the flip-summed CAMs summed over scales, strided
-    (``ceil(H/4) x ceil(W/4)``) and high-resolution (at the 16-multiple padded size, cropped to ``H x W``).
-    For methods that normalise differently (GSLM's bounded CAMs, cls.md §2.4)."""
+    """:func:`multiscale_cams` before the normalisation: the flip-fused CAMs summed over scales, strided
+    (``ceil(H/4) x ceil(W/4)``) and high-resolution (see ``high_res``). For methods that normalise
+    differently (GSLM's bounded CAMs, cls.md §2.4)."""
+    if flip_fusion not in ("sum", "max"):
+        raise ValueError(f"flip_fusion must be 'sum' or 'max', got {flip_fusion!r}")
+    if high_res not in ("padded", "full"):
+        raise ValueError(f"high_res must be 'padded' or 'full', got {high_res!r}")
     if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")
         image = image[0]
     height, width = image.shape[-2:]
     strided_size = (math.ceil(height / 4), math.ceil(width / 4))
-    padded_size = (16 * math.ceil(height / 16), 16 * math.ceil(width / 16))
+    full_size = (16 * math.ceil(height / 16), 16 * math.ceil(width / 16)) if high_res == "padded" else (height, width)
     keys = keys.to(device=image.device, dtype=torch.long)
 
-    def flip_sum(pair: Tensor) -> Tensor:
+    def fuse(pair: Tensor) -> Tensor:
         cams = cam_fn(pair)[:, keys].float()
-        return cams[0] + cams[1].flip(-1)
+        unflipped = cams[1].flip(-1)
+        return cams[0] + unflipped if flip_fusion == "sum" else torch.maximum(cams[0], unflipped)
 
-    strided, high_res = sum_over_scales(flip_sum, image, scales, [strided_size, padded_size])
-    return CAMRecord(keys=keys, cam=strided, high_res=high_res[:, :height, :width])
+    strided, full = sum_over_scales(fuse, image, scales, [strided_size, full_size])
+    return CAMRecord(keys=keys, cam=strided, high_res=full[:, :height, :width])
 
 
 def cams_to_mask(

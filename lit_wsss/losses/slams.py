@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_wsss.cams import CAMRecord, multiscale_cams, sum_over_scales
+from lit_wsss.cams import CAMRecord, multiscale_cams
 
 #: Embedding size ``E`` (slams.md §2, §6: ``--class_dim 256``).
 EMBED_DIM = 256
@@ -766,23 +766,4 @@ def activation_map(
     def cam_fn(batch: Tensor) -> Tensor:
         return cam_from_logits(segnet(batch))
 
-    if high_res == "padded":
-        return multiscale_cams(cam_fn, image, keys, scales)
-    if high_res != "full":
-        raise ValueError(f"high_res must be 'full' or 'padded', got {high_res!r}")
-    if image.dim() == 4:
-        if image.shape[0] != 1:
-            raise ValueError(f"one image at a time, got {tuple(image.shape)}")
-        image = image[0]
-    height, width = image.shape[-2:]
-    keys = keys.to(device=image.device, dtype=torch.long)
-
-    def flip_sum(pair: Tensor) -> Tensor:
-        cams = cam_fn(pair)[:, keys].float()
-        return cams[0] + cams[1].flip(-1)
-
-    strided_size = (-(-height // 4), -(-width // 4))
-    strided, full = sum_over_scales(flip_sum, image, scales, [strided_size, (height, width)])
-    strided = strided / (strided.flatten(1).amax(1).view(-1, 1, 1) + CAM_NORM_EPS) if len(keys) else strided
-    full = full / (full.flatten(1).amax(1).view(-1, 1, 1) + CAM_NORM_EPS) if len(keys) else full
-    return CAMRecord(keys=keys, cam=strided, high_res=full)
+    return multiscale_cams(cam_fn, image, keys, scales, high_res=high_res)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from lit_wsss.losses.common import as_matrix
 
-from lit_wsss.cams import CAMRecord, sum_over_scales
+from lit_wsss.cams import CAMRecord, multiscale_cams
 
 #: Codebook size (vwe.md §5; ``Net(k_words=256)``).
 NUM_WORDS = 256
@@ -638,24 +638,11 @@ def multiscale_vwe_cams(
     """
     if flip_fusion not in FLIP_FUSIONS:
         raise ValueError(f"unknown flip fusion {flip_fusion!r}; expected one of {FLIP_FUSIONS}")
-    if image.dim() == 4:
-        if image.shape[0] != 1:
-            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
-        image = image[0]
-    if image.dim() != 3:
+    if image.dim() not in (3, 4):
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    height, width = image.shape[-2:]
-    keys = keys.to(device=image.device, dtype=torch.long)
-    sizes = [(math.ceil(height / 4), math.ceil(width / 4)), (height, width)]
-
-    def fused(pair: Tensor) -> Tensor:
-        return fuse_flip_pair(cam_fn(pair)[:, keys].float(), flip_fusion)
-
-    strided, high_res = sum_over_scales(fused, image, scales, sizes)
-    if len(keys):  # an image without labels keeps its empty (0, h, w) maps
-        strided = strided / (strided.flatten(1).amax(1).view(-1, 1, 1) + CAM_NORM_EPS)
-        high_res = high_res / (high_res.flatten(1).amax(1).view(-1, 1, 1) + CAM_NORM_EPS)
-    return CAMRecord(keys=keys, cam=strided, high_res=high_res)
+    # cam_fn's output goes through fuse_flip_pair's per-pass ReLU semantics: CAMs are ReLU'd already
+    return multiscale_cams(lambda x: F.relu(cam_fn(x)), image, keys, scales, flip_fusion=flip_fusion,
+                           high_res="full")
 
 
 def with_background(cams: Tensor, bkgscore: float = BKG_SCORE) -> Tensor:
