@@ -77,6 +77,17 @@ def sum_over_scales(
     return totals
 
 
+def fuse_flip_pair(pair_cams: Tensor, mode: str = "sum") -> Tensor:
+    """Merge the CAMs ``(2, C, h, w)`` of an image (row 0) and of its flip (row 1): ``A0 + flip(A1)`` (IRN) or
+    ``max(A0, flip(A1))`` (VWE, vwe.md P7)."""
+    if pair_cams.dim() != 4 or pair_cams.shape[0] != 2:
+        raise ValueError(f"pair_cams must be (2, C, h, w), got {tuple(pair_cams.shape)}")
+    if mode not in ("sum", "max"):
+        raise ValueError(f"unknown flip fusion {mode!r}; expected 'sum' or 'max'")
+    unflipped = pair_cams[1].flip(-1)
+    return pair_cams[0] + unflipped if mode == "sum" else torch.maximum(pair_cams[0], unflipped)
+
+
 @torch.no_grad()
 def multiscale_cams(
     cam_fn: Callable[[Tensor], Tensor],
@@ -126,7 +137,7 @@ def multiscale_cam_sums(
     (``ceil(H/4) x ceil(W/4)``) and high-resolution (see ``high_res``). For methods that normalise
     differently (GSLM's bounded CAMs, cls.md §2.4)."""
     if flip_fusion not in ("sum", "max"):
-        raise ValueError(f"flip_fusion must be 'sum' or 'max', got {flip_fusion!r}")
+        raise ValueError(f"unknown flip fusion {flip_fusion!r}; expected 'sum' or 'max'")
     if high_res not in ("padded", "full"):
         raise ValueError(f"high_res must be 'padded' or 'full', got {high_res!r}")
     if image.dim() == 4:
@@ -139,9 +150,7 @@ def multiscale_cam_sums(
     keys = keys.to(device=image.device, dtype=torch.long)
 
     def fuse(pair: Tensor) -> Tensor:
-        cams = cam_fn(pair)[:, keys].float()
-        unflipped = cams[1].flip(-1)
-        return cams[0] + unflipped if flip_fusion == "sum" else torch.maximum(cams[0], unflipped)
+        return fuse_flip_pair(cam_fn(pair)[:, keys].float(), flip_fusion)
 
     strided, full = sum_over_scales(fuse, image, scales, [strided_size, full_size])
     return CAMRecord(keys=keys, cam=strided, high_res=full[:, :height, :width])

@@ -40,6 +40,7 @@ from torch import Tensor
 from lit_wsss.losses.common import as_matrix
 
 from lit_wsss.cams import CAMRecord, multiscale_cams
+from lit_wsss.cams import fuse_flip_pair as fuse_cams
 
 #: Codebook size (vwe.md §5; ``Net(k_words=256)``).
 NUM_WORDS = 256
@@ -600,13 +601,7 @@ def fuse_flip_pair(pair_cams: Tensor, mode: str = "max") -> Tensor:
     Returns:
         ``(C, h, w)``.
     """
-    if pair_cams.dim() != 4 or pair_cams.shape[0] != 2:
-        raise ValueError(f"pair_cams must be (2, C, h, w), got {tuple(pair_cams.shape)}")
-    if mode not in FLIP_FUSIONS:
-        raise ValueError(f"unknown flip fusion {mode!r}; expected one of {FLIP_FUSIONS}")
-    a = F.relu(pair_cams)
-    unflipped = a[1].flip(-1)
-    return torch.maximum(a[0], unflipped) if mode == "max" else a[0] + unflipped
+    return fuse_cams(F.relu(pair_cams), mode)
 
 
 @torch.no_grad()
