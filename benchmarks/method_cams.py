@@ -112,9 +112,15 @@ def main() -> int:
     args = parser.parse_args()
     out = Path(args.out).resolve()
     records = []
+    summary_path = out / "summary.json"
     for method in args.methods.split(","):
         records.append(bench(method, out, Path(args.root).resolve(), args.epochs))
-        (out / "summary.json").write_text(json.dumps(records, indent=2))
+        # Merged by method, so that runs of different --methods lists add up in one summary and a rerun that
+        # reuses finished stages keeps the timings measured when they ran.
+        merged = {r["method"]: r for r in (json.loads(summary_path.read_text()) if summary_path.is_file() else [])}
+        for record in records:
+            merged[record["method"]] = {**merged.get(record["method"], {}), **record}
+        summary_path.write_text(json.dumps(list(merged.values()), indent=2))
     print(f"\n{platform.node()} | {os.cpu_count()} CPUs | voc12-bench {records[0]['num_images']} images | "
           f"{args.epochs} epochs | seed 0\n")
     print("| method | train (s) | export (s) | mIoU, default rule | best-threshold mIoU |")

