@@ -69,16 +69,23 @@ def test_wam_cams_are_absolute():
     assert record["high_res"].max() < 0.5
 
 
+def tiny_run_args(num_train: int, num_val: int, seed: int, batch_size: int, steps: int) -> str:
+    """lit-wsss arguments for a seconds-long run of the GLM or the SLM on a tiny synthetic set."""
+    return (f"--data.init_args.num_train={num_train} --data.init_args.num_val={num_val} "
+            f"--data.init_args.generator_seed={seed} --data.init_args.num_workers=0 "
+            f"--data.init_args.batch_size={batch_size} --data.init_args.crop_size=64 "
+            "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null "
+            f"--trainer.max_steps={steps} --trainer.limit_val_batches=1 --model.init_args.cam_scales=[1.0] "
+            "--trainer.logger=false")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_rounds_driver(tmp_path, monkeypatch, capsys):
     """GLM -> seeds -> SLM rounds on a tiny synthetic set: every round keeps its CAMs, seeds (CRF compat 10),
     checkpoint and evaluation; round r starts from round r-1's weights; thresholds 0.15, 0.25."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
-    data = ("--data.init_args.num_train=8 --data.init_args.num_val=4 --data.init_args.generator_seed=7 "
-            "--data.init_args.num_workers=0 --data.init_args.batch_size=4 --data.init_args.crop_size=64 "
-            "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null --trainer.max_steps=2 "
-            "--trainer.limit_val_batches=1 --model.init_args.cam_scales=[1.0] --trainer.logger=false")
+    data = tiny_run_args(num_train=8, num_val=4, seed=7, batch_size=4, steps=2)
     out = tmp_path / "run"
     code = main(["--data", "synth", "--root", str(root), "--rounds", "2", "--out", str(out), "--workers", "1",
                  "--glm-args", data, "--slm-args", f"{data} --model.init_args.pool_size=4"])
@@ -196,10 +203,7 @@ def test_rounds_driver_exports_once_when_lists_coincide(tmp_path, monkeypatch):
     """With --eval-list = --train-list the CAMs scored after a round are the next round's seed CAMs."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=6, num_val=2, seed=3)
-    data = ("--data.init_args.num_train=6 --data.init_args.num_val=2 --data.init_args.generator_seed=3 "
-            "--data.init_args.num_workers=0 --data.init_args.batch_size=3 --data.init_args.crop_size=64 "
-            "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null --trainer.max_steps=1 "
-            "--trainer.limit_val_batches=1 --model.init_args.cam_scales=[1.0] --trainer.logger=false")
+    data = tiny_run_args(num_train=6, num_val=2, seed=3, batch_size=3, steps=1)
     out = tmp_path / "run"
     assert main(["--data", "synth", "--root", str(root), "--rounds", "1", "--out", str(out), "--workers", "1",
                  "--eval-list", "train", "--glm-args", data, "--slm-args", f"{data} --model.init_args.pool_size=4"]) == 0
