@@ -28,6 +28,19 @@ DEFAULT_ROOTS = {"synth": "data/synthetic"}
 DEFAULT_LISTS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("train2014", "train2014")}
 
 
+def resolve_lists(data: str, train_list: str | None, eval_list: str | None) -> tuple[str, str]:
+    """The seed (training) and evaluation lists: the given ones, else the data set's defaults."""
+    default_train, default_eval = DEFAULT_LISTS.get(data, ("train", "train"))
+    return train_list or default_train, eval_list or default_eval
+
+
+def scored_cams(out: Path, after_round: int, train_list: str, eval_list: str) -> Path:
+    """Where the CAMs scored after round ``after_round`` (-1: the GLM) are written."""
+    if eval_list == train_list:  # they are also the next round's seed CAMs: one export
+        return out / f"round{after_round + 1}" / "cams"
+    return out / ("glm" if after_round < 0 else f"round{after_round}") / "eval_cams"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lit-wsss gslm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if root is None:
         print("lit-wsss gslm: error: --root is required for --data " + args.data, file=sys.stderr)
         return 2
-    train_list, eval_list = DEFAULT_LISTS.get(args.data, ("train", "train"))
-    train_list, eval_list = args.train_list or train_list, args.eval_list or eval_list
+    train_list, eval_list = resolve_lists(args.data, args.train_list, args.eval_list)
     out = Path(args.out or f"outputs/gslm/{args.data}")
     out.mkdir(parents=True, exist_ok=True)
     data_args = [f"--data.init_args.root={root}"]
@@ -90,14 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             "--crf-gaussian-compat", str(GSLM_CRF_PARAMS["gaussian"]["compat"]),
             "--workers", str(args.workers), "--no-progress"])
 
-    def eval_cams(folder: Path, next_round: int) -> Path:
-        # When the lists coincide, the CAMs scored after a round are the next round's seed CAMs: one export.
-        return out / f"round{next_round}" / "cams" if eval_list == train_list else folder / "eval_cams"
-
     glm_checkpoint = out / "glm" / "checkpoints" / "last.ckpt"
     stage("train GLM", lambda: _fit(glm, out / "glm"), lambda: {"checkpoint": str(glm_checkpoint)})
-    stage("eval GLM", lambda: export(glm, glm_checkpoint, eval_list, eval_cams(out / "glm", 0)),
-          lambda: evaluate(eval_cams(out / "glm", 0), round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
+    glm_cams = scored_cams(out, -1, train_list, eval_list)
+    stage("eval GLM", lambda: export(glm, glm_checkpoint, eval_list, glm_cams),
+          lambda: evaluate(glm_cams, round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
     model_args, checkpoint = glm, glm_checkpoint
     for r in range(args.rounds):
         folder = out / f"round{r}"
@@ -110,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"--model.init_args.cam_bg_threshold={threshold}"]
         stage(f"round {r}: train SLM", lambda: _fit(round_args, folder / "slm"))
         model_args, checkpoint = round_args, folder / "slm" / "checkpoints" / "last.ckpt"
-        stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, eval_cams(folder, r + 1)),
-              lambda: evaluate(eval_cams(folder, r + 1), threshold, folder / "eval_cams.json"))
+        round_cams = scored_cams(out, r, train_list, eval_list)
+        stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, round_cams),
+              lambda: evaluate(round_cams, threshold, folder / "eval_cams.json"))
     return 0
 
 

@@ -2,6 +2,10 @@
 
 [train encoder ->] train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels.
 
+GSLM (``--method gslm``) trains in rounds: its first two stages are one, ``GSLM rounds`` (``lit-wsss gslm``
+under ``<out>/gslm``: seeds and SLM training on the data set's training list, ``--list`` scored after every
+round), and the IRN stages start from the last round's CAMs of ``--list``.
+
 Every stage is the ordinary CLI run (``lit-wsss fit/predict``, ``eval-cam``, ``ir-labels``) with its own output
 folder under ``--out``; each stage reads the manifest of the one before (style.md P8), so a stage can also be
 rerun by hand. Finished stages are skipped on a rerun (their manifest / checkpoint exists). One summary line
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lit_wsss.io import read_manifest, write_json_atomic
+from lit_wsss.losses.gslm import NUM_ROUNDS
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -53,9 +58,13 @@ def _predict(args: list[str], out_dir: Path) -> None:
 def _tool(module: str, argv: list[str]) -> None:
     import importlib
 
-    code = importlib.import_module(module).main(argv)
+    _tool_main(importlib.import_module(module).main, argv)
+
+
+def _tool_main(main: Any, argv: list[str]) -> None:
+    code = main(argv)
     if code:
-        raise RuntimeError(f"{module} {' '.join(argv)} failed with exit code {code}")
+        raise RuntimeError(f"{main.__module__} {' '.join(argv)} failed with exit code {code}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ir-args", default="",
                         help="extra ir-labels arguments, e.g. '--fg 0.5 --bg 0.2' (the background convention is "
                              "read from the CAM manifest)")
+    parser.add_argument("--gslm-rounds", type=int, default=None, help="GSLM: SLM rounds (default: the driver's 3)")
+    parser.add_argument("--slm-args", default="", help="GSLM: extra lit-wsss arguments for the SLM rounds only")
     args = parser.parse_args(argv)
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
@@ -86,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     cam_args = _configs(args.data, args.method, args.cam_config) + data_args + shlex.split(args.cam_args)
     irn_args = _configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
     cams, ir_labels, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
+    rounds = args.gslm_rounds if args.gslm_rounds is not None else NUM_ROUNDS
+    if args.method == "gslm":  # the SLM trains on the data set's training list; --list is scored and refined
+        from lit_wsss.gslm_rounds import resolve_lists, scored_cams
+
+        seed_list, _ = resolve_lists(args.data, None, args.list)
+        cams = scored_cams(out / "gslm", rounds - 1, seed_list, args.list)
     summary: list[dict[str, Any]] = []
     encoder_config = EXPERIMENTS / args.data / f"{args.method}_encoder.yaml"
     encoder_args = ["--config", str(EXPERIMENTS / args.data / "_base.yaml"), "--config", str(encoder_config),
@@ -121,12 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     if encoder_config.is_file():
         stage("train encoder", lambda: checkpoints.update(encoder=_fit(encoder_args, out / "encoder")),
               lambda: {"checkpoint": str(checkpoints["encoder"])})
-    stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
-          lambda: {"checkpoint": str(checkpoints["cam"])})
-    stage("CAMs", lambda: _predict([*cam_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
-                                    f"--data.init_args.predict_list={args.list}",
-                                    f"--ckpt_path={checkpoints['cam']}"], cams),
-          lambda: {"files": len(list(cams.glob("*.npz")))})
+    if args.method == "gslm":
+        from lit_wsss import gslm_rounds
+
+        shared = [f"--config={path}" for path in args.cam_config]
+        stage("GSLM rounds", lambda: _tool_main(gslm_rounds.main, [
+            "--data", args.data, "--root", args.root, "--train-list", seed_list, "--eval-list", args.list,
+            "--rounds", str(rounds), "--out", str(out / "gslm"), "--workers", str(args.workers), *shared,
+            f"--glm-args={args.cam_args}", f"--slm-args={args.cam_args} {args.slm_args}"]),
+              lambda: {"files": len(list(cams.glob("*.npz")))})
+    else:
+        stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
+              lambda: {"checkpoint": str(checkpoints["cam"])})
+        stage("CAMs", lambda: _predict([*cam_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
+                                        f"--data.init_args.predict_list={args.list}",
+                                        f"--ckpt_path={checkpoints['cam']}"], cams),
+              lambda: {"files": len(list(cams.glob("*.npz")))})
     stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate, *num_classes(),
                                                               "--out", str(out / "eval_cams.json")]),
           lambda: miou(out / "eval_cams.json"))

@@ -11,8 +11,9 @@ from lit_wsss.pipeline import main
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-# cam, sipe (its own background) and slams (a pre-stage) cover the wiring; cpn and vwe add none: slow only
-@pytest.mark.parametrize("method", ["cam", "sipe", "slams", *(pytest.param(m, marks=pytest.mark.slow) for m in ("cpn", "vwe"))])
+# cam, sipe (its own background), slams (a pre-stage) and gslm (rounds) cover the wiring; cpn and vwe add none
+@pytest.mark.parametrize("method", ["cam", "sipe", "slams", "gslm",
+                                    *(pytest.param(m, marks=pytest.mark.slow) for m in ("cpn", "vwe"))])
 def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
@@ -31,12 +32,15 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
         "--encoder-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
                           f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
                           "--model.init_args.se_size=32 --trainer.limit_val_batches=1",
+        # GSLM: one SLM round after the GLM, its pooling head sized for the 4 x 4 maps of 64-px crops
+        "--gslm-rounds", "1", "--slm-args", "--model.init_args.pool_size=4 ",
     ])
     assert code == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline |")]
     stages = [line.split("|")[1].split(":")[1].strip() for line in printed]
-    assert stages == ["train encoder"] * (method == "slams") + [
-        "train CAM", "CAMs", "eval CAMs", "IR labels", "train IRNet", "pseudo labels", "eval pseudo labels"]
+    cam_stages = ["GSLM rounds"] if method == "gslm" else ["train CAM", "CAMs"]
+    assert stages == ["train encoder"] * (method == "slams") + cam_stages + [
+        "eval CAMs", "IR labels", "train IRNet", "pseudo labels", "eval pseudo labels"]
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert "mIoU" in summary[-5] and "mIoU" in summary[-1]
     assert json.loads((tmp_path / "run" / "eval_cams.json").read_text())["num_classes"] == 4  # from the manifest
@@ -46,6 +50,9 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     pseudo_manifest = json.loads((run / "pseudo_labels" / "manifest.json").read_text())
     assert ir_manifest["count"] == 4 and pseudo_manifest["count"] == 4 and pseudo_manifest["bg_threshold"] == 0.25
     assert pseudo_manifest["protocol"]["data"]["cams_producer"]["stage"] == "cams"
+    if method == "gslm":  # the IRN stages start from the last SLM round's CAMs
+        assert pseudo_manifest["protocol"]["data"]["cams_producer"]["producer"] == "GSLM"
+        assert pseudo_manifest["protocol"]["data"]["cam_dir"].endswith("gslm/round0/eval_cams")
     assert pseudo_manifest["protocol"]["data"]["ir_labels_producer"]["stage"] == "ir-labels"
     # the background convention travels from the CAM manifest: SIPE's own bg through IR labels and the walk
     explicit = method == "sipe"
