@@ -52,7 +52,7 @@ eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=v
 
 # the pipeline's default ROOT is the synthetic set; DATA=voc ROOT=... on the command line wins
 pipeline: DATA = synth
-pipeline: install  ## make pipeline METHOD=cam|sipe|cpn [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
+pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
 	$(BIN)/lit-wsss pipeline --data $(DATA) --method $(METHOD) --root $(ROOT) --list $(LIST) $(ARGS)
 
 pipeline-mini: install  ## the whole chain on ../shared/data/voc12-mini (real VOC images, CPU)
