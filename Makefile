@@ -13,7 +13,7 @@ export JSONARGPARSE_DEPRECATION_WARNINGS := off
 export WANDB_SILENT := true
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all train cams eval-cam pipeline pipeline-mini validate
+.PHONY: help install demo test test-all train cams eval-cam pipeline pipeline-mini validate benchmark
 OUT    ?= outputs/cams
 LIST   ?= val
 ROOT   ?= data/synthetic
@@ -54,6 +54,12 @@ eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=v
 pipeline: DATA = synth
 pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
 	$(BIN)/lit-wsss pipeline --data $(DATA) --method $(METHOD) --root $(ROOT) --list $(LIST) $(ARGS)
+
+benchmark: DATA_ROOT = ../shared/data/voc12-bench
+benchmark: RESULTS = docs/results.md
+benchmark: BUDGET = experiments/benchmark/cpu.yaml
+benchmark: install  ## make benchmark [DATA_ROOT=voc-style root RESULTS=docs/results.md BUDGET=...]: every method, one table (resumes)
+	$(BIN)/lit-wsss benchmark --root $(DATA_ROOT) --results $(RESULTS) --budget $(BUDGET) $(ARGS)
 
 pipeline-mini: install  ## the whole chain on ../shared/data/voc12-mini (real VOC images, CPU)
 	$(BIN)/lit-wsss pipeline --data voc --method cam --root ../shared/data/voc12-mini \

@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ir-args", default="",
                         help="extra ir-labels arguments, e.g. '--fg 0.5 --bg 0.2' (the background convention is "
                              "read from the CAM manifest)")
+    parser.add_argument("--thresholds", default=None,
+                        help="background thresholds swept by both evaluations, start:stop:step (eval-cam's default)")
     parser.add_argument("--gslm-rounds", type=int, default=None, help="GSLM: SLM rounds (default: the driver's 3)")
     parser.add_argument("--slm-args", default="", help="GSLM: extra lit-wsss arguments for the SLM rounds only")
     args = parser.parse_args(argv)
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 "oracle": f"{100 * best['miou']:.2f} @ {best['threshold']:g}"}
 
     checkpoints: dict[str, Path] = {}
-    evaluate = ["--root", args.root, "--list", args.list, "--no-progress"]
+    evaluate = ["--root", args.root, "--list", args.list, "--no-progress",
+                *(["--thresholds", args.thresholds] if args.thresholds else [])]
 
     def num_classes() -> list[str]:
         count = args.num_classes or read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]

@@ -1,0 +1,77 @@
+"""`lit-wsss benchmark` (issue 7), its small variant: every method under one budget file on a few synthetic
+images, one short training each, through CAMs, IRN and both evaluations into one results file."""
+
+import json
+import re
+import sys
+
+import pytest
+import yaml
+
+from lit_wsss.benchmark import METHODS, main, pipeline_args, read_budget, section_args
+from lit_wsss.datamodules.synthetic import generate_synthetic_voc
+
+TINY_BUDGET = {
+    "seed": 0, "list": "val", "sweep": "0.0:1.2:0.1", "ir_workers": 1,
+    "data": {"num_train": 8, "num_val": 4, "generator_seed": 7, "crop_size": 64, "batch_size": 4, "num_workers": 0},
+    "model": {"backbone": "resnet18", "pretrained": None},
+    "cam_model": {"cam_scales": [1.0]},
+    "trainer": {"max_steps": 2, "limit_val_batches": 1},
+    "irn": {"data": {"crop_size": 96, "batch_size": 4, "num_workers": 0},
+            "model": {"backbone": "resnet18", "pretrained": None, "crop_size": 96}, "trainer": {"max_steps": 2}},
+    "gslm": {"rounds": 1, "slm_model": {"pool_size": 4}},
+    "slams": {"encoder_model": {"se_size": 32}, "cam_model": {"encoder_backbone": "resnet18", "se_size": 32}},
+}
+
+
+def test_section_args_and_budget_errors(tmp_path):
+    assert section_args("data.init_args", {"resize_long": [192, 384], "cls_labels": None, "list": "train"}) == [
+        "--data.init_args.resize_long=[192,384]", "--data.init_args.cls_labels=null", "--data.init_args.list=train"]
+    with pytest.raises(FileNotFoundError, match="nothere.yaml"):
+        read_budget(tmp_path / "nothere.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['epochs'\]"):
+        read_budget(bad)
+
+
+def test_every_method_gets_the_same_budget():
+    """The shared sections reach every method; method sections only their own method."""
+    args = {m: pipeline_args(m, TINY_BUDGET, "synth", "root", "out") for m in METHODS}
+    for method, values in args.items():
+        cam = next(a for a in values if a.startswith("--cam-args="))
+        assert "--model.init_args.backbone=resnet18" in cam and "--trainer.max_steps=2" in cam
+        assert "--seed_everything=0" in cam and "--data.init_args.crop_size=64" in cam
+        assert ("--model.init_args.encoder_backbone=resnet18" in cam) == (method == "slams")
+        assert ("--gslm-rounds" in values) == (method == "gslm")
+        assert "--thresholds=0.0:1.2:0.1" in values
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lit-wsss"])
+    root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
+    budget = tmp_path / "budget.yaml"
+    budget.write_text(yaml.safe_dump(TINY_BUDGET))
+    results, out = tmp_path / "results.md", tmp_path / "run"
+    argv = ["--data", "synth", "--root", str(root), "--budget", str(budget), "--results", str(results),
+            "--out", str(out)]
+    assert main(argv) == 0
+    text = results.read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| (cam|sipe|cpn|vwe|gslm|slams) \| \d", line)]
+    assert [row.split("|")[1].strip() for row in rows] == list(METHODS)
+    for method in METHODS:
+        cams = json.loads((out / method / "eval_cams.json").read_text())
+        pseudo = json.loads((out / method / "eval_pseudo_labels.json").read_text())
+        row = next(r for r in rows if r.startswith(f"| {method} |")).split("|")
+        own = cams["bg_argmax"]["miou"] if cams["mode"] == "bg_argmax" else cams["fixed"]["miou"]
+        own_pseudo = pseudo["bg_argmax"]["miou"] if pseudo["mode"] == "bg_argmax" else pseudo["fixed"]["miou"]
+        assert row[2].strip().startswith(f"{100 * own:.2f}") and row[4].strip().startswith(f"{100 * own_pseudo:.2f}")
+        assert cams["num_images"] == 4
+        assert cams["mode"] == "bg_argmax" or cams["thresholds"][-1] == pytest.approx(1.2)  # the budget's sweep
+    assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "oracle" in text and "| background |" in text
+    # a rerun resumes: nothing runs again, the same table comes back
+    before = {m: (out / m / "benchmark.json").read_text() for m in METHODS}
+    assert main(argv) == 0
+    assert {m: (out / m / "benchmark.json").read_text() for m in METHODS} == before
