@@ -33,12 +33,10 @@ import sys
 import time
 from pathlib import Path
 
+from lit_wsss.benchmark import MALLOC_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO_ROOT / "experiments"
-# glibc returns large freed blocks to the OS and page-faults them back on the next step: with CPN's 3 x 16
-# crops that tripled the step time on the CPU (20 s -> 6.6 s per step with these, docs/benchmarks.md).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",
-              "MALLOC_TOP_PAD_": "1073741824"}
 # CPN maps are min-max normalised: its best tau lies above 0.6 (cpn.md §7); GSLM's SLM maps are absolute
 # (mean of relu6 / 6, cls.md P2) and its best tau reached the top of 0..0.6 on voc12-bench.
 SWEEPS = {"cpn": "0.0:1.2:0.01", "gslm": "0.0:1.0:0.01"}
