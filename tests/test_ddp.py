@@ -54,7 +54,14 @@ def test_two_process_validation_equals_one_process(tmp_path):
     datamodule = make_datamodule(tmp_path / "synthetic")
     expected = reference_miou(model, make_datamodule(tmp_path / "synthetic"))
     single = trainer(1).validate(model, datamodule)[0]
-    double = trainer(2).validate(model, make_datamodule(tmp_path / "synthetic"))[0]
+    try:
+        double = trainer(2).validate(model, make_datamodule(tmp_path / "synthetic"))[0]
+    except torch.multiprocessing.ProcessExitedException as error:
+        # Seen once in ~5 fresh-clone runs: a rank aborted at interpreter exit ("terminate called without an
+        # active exception", gloo teardown) after its metrics were reduced. Only that exit is retried, once.
+        if "SIGABRT" not in str(error):
+            raise
+        double = trainer(2).validate(model, make_datamodule(tmp_path / "synthetic"))[0]
     assert 0 < expected < 1
     assert single["val/mIoU"] == pytest.approx(expected, abs=1e-6)
     assert double["val/mIoU"] == pytest.approx(expected, abs=1e-6)
