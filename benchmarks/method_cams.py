@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from lit_wsss.benchmark import MALLOC_ENV
+from lit_wsss.evaluation import headline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO_ROOT / "experiments"
@@ -82,15 +83,11 @@ def bench_gslm(out: Path, root: Path, epochs: int, rounds: int) -> dict:
     # the fixed threshold is the round's 0.15 + 0.1 r, recorded in their manifest.
     run(["eval-cam", "--cams", str(work / f"round{rounds}" / "cams"), "--root", str(root), "--list", "train",
          "--no-progress", "--thresholds", SWEEPS["gslm"], "--out", str(work / "eval_cams.json")], work / "eval.log")
-    result = json.loads((work / "eval_cams.json").read_text())
     record: dict = {"method": "gslm", "rounds": rounds}
     seconds = [stages[f"round {r}: {name}"]["seconds"] for r in range(rounds) for name in ("seeds", "train SLM")]
     if min(seconds) > 5:  # all measured in this run, not skipped as finished
         record["train_s"] = sum(seconds)
-    record.update(headline=result["fixed"]["miou"], headline_rule=f"tau = {result['fixed']['threshold']:g} (fixed)",
-                  best=result["best"]["miou"], best_rule=f"tau = {result['best']['threshold']:g} (oracle)",
-                  num_images=result["num_images"])
-    return record
+    return {**record, **_table_entry(json.loads((work / "eval_cams.json").read_text()))}
 
 
 def bench(method: str, out: Path, root: Path, epochs: int) -> dict:
@@ -128,15 +125,16 @@ def bench(method: str, out: Path, root: Path, epochs: int) -> dict:
     result_path = work / "eval_cams.json"
     run(["eval-cam", "--cams", str(cams), "--root", str(root), "--list", "train", "--no-progress",
          "--thresholds", SWEEPS.get(method, "0.0:0.6:0.01"), "--out", str(result_path)], work / "eval.log")
-    result = json.loads(result_path.read_text())
-    if result["mode"] == "bg_argmax":
-        record.update(headline=result["bg_argmax"]["miou"], headline_rule="argmax with its own bg",
-                      best=result["bg_argmax"]["miou"], best_rule="(no threshold)")
-    else:
-        record.update(headline=result["fixed"]["miou"], headline_rule=f"tau = {result['fixed']['threshold']:g} (fixed)",
-                      best=result["best"]["miou"], best_rule=f"tau = {result['best']['threshold']:g} (oracle)")
-    record["num_images"] = result["num_images"]
-    return record
+    return {**record, **_table_entry(json.loads(result_path.read_text()))}
+
+
+def _table_entry(result: dict) -> dict:
+    scores = headline(result)
+    if scores["best"] is None:  # its own background: no threshold, the argmax is also the best
+        return {"headline": scores["own"], "headline_rule": scores["own_rule"], "best": scores["own"],
+                "best_rule": "(no threshold)", "num_images": result["num_images"]}
+    return {"headline": scores["own"], "headline_rule": f"{scores['own_rule']} (fixed)", "best": scores["best"],
+            "best_rule": f"{scores['best_rule']} (oracle)", "num_images": result["num_images"]}
 
 
 def main() -> int:

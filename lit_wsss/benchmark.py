@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from lit_wsss.evaluation import headline
 from lit_wsss.io import write_bytes_atomic, write_json_atomic
 
 METHODS = ("cam", "sipe", "cpn", "vwe", "gslm", "slams")
@@ -105,15 +106,8 @@ def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: 
 
 
 def _scores(path: Path) -> dict[str, Any]:
-    """Own-rule and best-threshold mIoU and per-class IoU of one evaluation file."""
     result = json.loads(path.read_text())
-    if result.get("mode") == "bg_argmax":
-        own = result["bg_argmax"]
-        return {"own": own["miou"], "own_rule": "argmax, own bg", "best": None, "best_rule": "no threshold",
-                "iou": own["iou"], "class_names": result["class_names"]}
-    return {"own": result["fixed"]["miou"], "own_rule": f"tau {result['fixed']['threshold']:g}",
-            "best": result["best"]["miou"], "best_rule": f"tau {result['best']['threshold']:g}",
-            "iou": result["best"]["iou"], "class_names": result["class_names"]}
+    return {**headline(result), "class_names": result["class_names"]}
 
 
 def write_results(out: Path, methods: list[str], results: Path, header: list[str]) -> None:
@@ -131,7 +125,7 @@ def write_results(out: Path, methods: list[str], results: Path, header: list[str
         folder = out / method
         cam, pseudo = _scores(folder / "eval_cams.json"), _scores(folder / "eval_pseudo_labels.json")
         timing = json.loads((folder / "benchmark.json").read_text())
-        best = "-" if cam["best"] is None else f"{100 * cam['best']:.2f} ({cam['best_rule']})"
+        best = "- (no threshold)" if cam["best"] is None else f"{100 * cam['best']:.2f} ({cam['best_rule']})"
         rows.append(f"| {method} | {100 * cam['own']:.2f} ({cam['own_rule']}) | {best} | "
                     f"{100 * pseudo['own']:.2f} ({pseudo['own_rule']}) | {timing['seconds'] / 60:.1f} | "
                     f"{timing['peak_rss_mb'] / 1024:.1f} |")

@@ -57,6 +57,7 @@ __all__ = [
     "argmax_confusion",
     "evaluate_cam_folder",
     "write_reports",
+    "headline",
     "parse_thresholds",
     "main",
 ]
@@ -558,6 +559,22 @@ def write_reports(result: dict[str, Any], out_json: str | Path) -> dict[str, Pat
 
 
 # --------------------------------------------------------------------------------------------------- CLI
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """What a results table reports from an :func:`evaluate_cam_folder` result.
+
+    ``own``: the method's own rule, the plain argmax when every file carries its background (``own_rule``
+    "argmax with its own bg"), else the fixed threshold ("tau = t"); ``best`` / ``best_rule``: the oracle
+    threshold (None without a sweep); ``iou``: per-class IoU of the best threshold, else of the own rule.
+    """
+    if result.get("mode") == "bg_argmax":
+        block = result["bg_argmax"]
+        return {"own": block["miou"], "own_rule": "argmax with its own bg", "best": None, "best_rule": None,
+                "iou": block["iou"]}
+    fixed, best = result["fixed"], result["best"]
+    return {"own": fixed["miou"], "own_rule": f"tau = {fixed['threshold']:g}", "best": best["miou"],
+            "best_rule": f"tau = {best['threshold']:g}", "iou": best["iou"]}
 
 
 def parse_thresholds(text: str) -> list[float]:

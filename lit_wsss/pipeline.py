@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(out / "pipeline.json", summary)
 
     def miou(path: Path) -> dict[str, Any]:
-        result = json.loads(path.read_text())
-        if result.get("mode") == "bg_argmax":  # the method's own background (SIPE): no threshold
-            return {"mIoU": f"{100 * result['bg_argmax']['miou']:.2f} (argmax with the exported bg)"}
-        fixed, best = result["fixed"], result["best"]
-        return {"mIoU": f"{100 * fixed['miou']:.2f} @ {fixed['threshold']:g} (fixed)",
-                "oracle": f"{100 * best['miou']:.2f} @ {best['threshold']:g}"}
+        from lit_wsss.evaluation import headline
+
+        scores = headline(json.loads(path.read_text()))
+        line = {"mIoU": f"{100 * scores['own']:.2f} ({scores['own_rule']})"}
+        if scores["best"] is not None:  # a method with its own background (SIPE) has no threshold
+            line["oracle"] = f"{100 * scores['best']:.2f} ({scores['best_rule']})"
+        return line
 
     checkpoints: dict[str, Path] = {}
     evaluate = ["--root", args.root, "--list", args.list, "--no-progress",
