@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lit_wsss.evaluation import headline
 from lit_wsss.io import read_manifest, write_json_atomic
 from lit_wsss.losses.gslm import CONF_BG_THRESHOLD, CONF_FG_THRESHOLD, GSLM_CRF_PARAMS, NUM_ROUNDS, round_thresholds
 from lit_wsss.pipeline import EXPERIMENTS, _configs, _fit, _predict, _tool
@@ -90,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             _tool("lit_wsss.evaluation", ["--cams", str(cams), "--root", str(root), "--list", eval_list,
                                           "--num-classes", str(num_classes), "--fixed-threshold", str(threshold),
                                           "--no-progress", "--out", str(result)])
-        scores = json.loads(result.read_text())
-        fixed, best = scores["fixed"], scores["best"]
-        return {"mIoU": f"{100 * fixed['miou']:.2f} @ {threshold:g}",
-                "oracle": f"{100 * best['miou']:.2f} @ {best['threshold']:g}"}
+        scores = headline(json.loads(result.read_text()))
+        return {"mIoU": f"{100 * scores['own']:.2f} ({scores['own_rule']})",
+                "oracle": f"{100 * scores['best']:.2f} ({scores['best_rule']})"}
 
     def seeds(cams: Path, folder: Path) -> None:
         _tool("lit_wsss.refine.ir_labels", [
