@@ -6,7 +6,8 @@ For each method, ``lit-wsss pipeline`` (train -> CAMs -> eval -> IR labels -> IR
 CAM training and export, ``cam_model`` of the CAM networks only, ``irn`` of the IRNet stages, ``gslm`` and
 ``slams`` of those methods' extra stages. Each method runs in its own process (its peak resident memory is read
 from the kernel when it ends) and its own folder ``<out>/<method>``; a method whose pseudo labels are scored is
-not run again, and the pipeline skips its finished stages, so a rerun resumes. Then the results file
+not run again, and the pipeline skips its finished stages, so a rerun resumes. ``--cams-only`` stops each method
+after its CAMs are scored (a later full run goes on from there). Then the results file
 (``--results``, a markdown table, per-class IoU and a bar chart PNG beside it) is written from the folders.
 
 The best-threshold column is chosen on the evaluation masks (an oracle, labelled as such); every other number
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -76,19 +78,28 @@ def pipeline_args(method: str, budget: dict[str, Any], data: str, root: Path, ou
     if budget.get("sweep"):
         args.append(f"--thresholds={budget['sweep']}")
     if method == "gslm":
-        args += ["--gslm-rounds", str(extra.get("rounds", 1)),
+        train_list = (budget.get("data") or {}).get("train_list")  # the SLM's seeds: the budget's training list
+        args += [*(["--train-list", str(train_list)] if train_list else []),
+                 "--gslm-rounds", str(extra.get("rounds", 1)),
                  f"--slm-args={' '.join(section_args('model.init_args', extra.get('slm_model')))}"]
     return args
 
 
-def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: Path) -> dict[str, Any]:
-    """Runs (or resumes) one method's pipeline in a child process; returns its timing record."""
+def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: Path,
+               cams_only: bool = False) -> dict[str, Any]:
+    """Runs (or resumes) one method's pipeline in a child process; returns its timing record.
+
+    The record's seconds add up the invocations that finished a part (a ``--cams-only`` run, then the rest); an
+    interrupted invocation writes no record, so its time is not counted.
+    """
     folder = out / method
     record_path = folder / "benchmark.json"
-    if record_path.is_file() and (folder / "eval_pseudo_labels.json").is_file():
-        return json.loads(record_path.read_text())
+    previous = json.loads(record_path.read_text()) if record_path.is_file() else None
+    if previous and (folder / ("eval_cams.json" if cams_only else "eval_pseudo_labels.json")).is_file():
+        return previous
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "lit_wsss", "pipeline", *pipeline_args(method, budget, data, root, folder)]
+    command = [sys.executable, "-m", "lit_wsss", "pipeline", *pipeline_args(method, budget, data, root, folder),
+               *(["--cams-only"] if cams_only else [])]
     start = time.perf_counter()
     with (folder / "pipeline.log").open("a") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -99,8 +110,11 @@ def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: 
     if code:
         raise RuntimeError(f"{method}: lit-wsss pipeline failed (exit {code}); see {folder / 'pipeline.log'}")
     # ru_maxrss is in KiB on Linux: the largest resident set of the pipeline process (its stages run in it).
-    record = {"method": method, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-              "command": command[2:]}
+    peak_mb = round(usage.ru_maxrss / 1024)
+    if previous:
+        seconds += previous["seconds"]
+        peak_mb = max(peak_mb, previous["peak_rss_mb"])
+    record = {"method": method, "seconds": round(seconds, 1), "peak_rss_mb": peak_mb, "command": command[2:]}
     write_json_atomic(record_path, record)
     return record
 
@@ -108,6 +122,10 @@ def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: 
 def _scores(path: Path) -> dict[str, Any]:
     result = json.loads(path.read_text())
     return {**headline(result), "class_names": result["class_names"]}
+
+
+def _share(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f} %"
 
 
 def write_results(out: Path, methods: list[str], results: Path, header: list[str]) -> None:
@@ -123,18 +141,27 @@ def write_results(out: Path, methods: list[str], results: Path, header: list[str
     rows, per_class = [], {}
     for method in methods:
         folder = out / method
-        cam, pseudo = _scores(folder / "eval_cams.json"), _scores(folder / "eval_pseudo_labels.json")
+        cam = _scores(folder / "eval_cams.json")
         timing = json.loads((folder / "benchmark.json").read_text())
         best = "- (no threshold)" if cam["best"] is None else f"{100 * cam['best']:.2f} ({cam['best_rule']})"
+        pseudo_path = folder / "eval_pseudo_labels.json"
+        if pseudo_path.is_file():
+            pseudo = _scores(pseudo_path)
+            pseudo_cell = f"{100 * pseudo['own']:.2f} ({pseudo['own_rule']})"
+            pseudo_fg = _share(pseudo["own_fg"])
+        else:
+            pseudo_cell, pseudo_fg = "- (not run: --cams-only)", "-"
         rows.append(f"| {method} | {100 * cam['own']:.2f} ({cam['own_rule']}) | {best} | "
-                    f"{100 * pseudo['own']:.2f} ({pseudo['own_rule']}) | {timing['seconds'] / 60:.1f} | "
+                    f"{pseudo_cell} | {_share(cam['own_fg'])} / {pseudo_fg} ({_share(cam['gt_fg'])}) | "
+                    f"{timing['seconds'] / 60:.1f} | "
                     f"{timing['peak_rss_mb'] / 1024:.1f} |")
         per_class[method] = cam
     names = next(iter(per_class.values()))["class_names"]
     lines = [*header, "",
              "| method | CAM mIoU, own rule | CAM mIoU, best threshold (oracle: chosen on these masks) | "
-             "pseudo-label mIoU after IRN, own rule | time (min) | peak memory (GB) |",
-             "|---|---|---|---|---:|---:|", *rows, "",
+             "pseudo-label mIoU after IRN, own rule | foreground share, CAMs / pseudo labels (ground truth) | "
+             "time (min) | peak memory (GB) |",
+             "|---|---|---|---|---|---:|---:|", *rows, "",
              "Per-class CAM IoU (%) at the best threshold (own background for methods without one):", "",
              "| class | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
     for index, name in enumerate(names):
@@ -164,6 +191,22 @@ def _commit() -> str:
         return "unknown"
 
 
+def machine() -> str:
+    """CPU model, cores, memory and GPU of this machine, for the results header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} CPUs, {memory_gb:.0f} GB, {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lit-wsss benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help=f"comma list (default: the budget's or {','.join(METHODS)})")
     parser.add_argument("--data", default="voc", help="experiments/<data>/ (voc; synth for tests)")
     parser.add_argument("--out", default="outputs/benchmark", help="one folder per method")
+    parser.add_argument("--cams-only", action="store_true",
+                        help="train, export and score the CAMs only (no IRN stage, no pseudo-label column)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     budget_path = Path(args.budget)
     budget = read_budget(budget_path)
@@ -186,13 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     for index, method in enumerate(methods, 1):
         print(f"benchmark | [{index}/{len(methods)}] {method} ...", flush=True)
-        record = run_method(method, budget, args.data, root, out)
+        record = run_method(method, budget, args.data, root, out, cams_only=args.cams_only)
         print(f"benchmark | [{index}/{len(methods)}] {method}: {record['seconds'] / 60:.1f} min, "
               f"peak {record['peak_rss_mb']} MB", flush=True)
     header = ["# Results: every method under one budget", "",
-              f"- command: `lit-wsss benchmark --root {args.root} --budget {args.budget} --results {args.results}`",
-              f"- commit {_commit()}, machine {platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), "
-              f"wall time of this invocation {(time.perf_counter() - start) / 60:.1f} min",
+              f"- command: `lit-wsss benchmark {shlex.join(argv)}` (defaults: --root {args.root} --budget "
+              f"{args.budget} --results {args.results} --out {args.out})",
+              f"- commit {_commit()}; machine: {machine()}",
+              f"- wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min (a method finished by "
+              "an earlier invocation counts 0 here; the table's time column adds up each method's invocations)",
               f"- budget ({budget_path.name}): `{json.dumps(budget, separators=(', ', ': '))}`"]
     write_results(out, methods, Path(args.results), header)
     print(f"benchmark | results: {args.results}", flush=True)

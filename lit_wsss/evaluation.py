@@ -566,15 +566,25 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
 
     ``own``: the method's own rule, the plain argmax when every file carries its background (``own_rule``
     "argmax with its own bg"), else the fixed threshold ("tau = t"); ``best`` / ``best_rule``: the oracle
-    threshold (None without a sweep); ``iou``: per-class IoU of the best threshold, else of the own rule.
+    threshold (None without a sweep); ``iou``: per-class IoU of the best threshold, else of the own rule;
+    ``own_fg`` / ``gt_fg``: the share of scored pixels labelled foreground by the own rule / by the ground
+    truth (None without a confusion matrix): over- or under-activation at a glance.
     """
     if result.get("mode") == "bg_argmax":
-        block = result["bg_argmax"]
-        return {"own": block["miou"], "own_rule": "argmax with its own bg", "best": None, "best_rule": None,
-                "iou": block["iou"]}
-    fixed, best = result["fixed"], result["best"]
-    return {"own": fixed["miou"], "own_rule": f"tau = {fixed['threshold']:g}", "best": best["miou"],
-            "best_rule": f"tau = {best['threshold']:g}", "iou": best["iou"]}
+        own = result["bg_argmax"]
+        scores = {"own": own["miou"], "own_rule": "argmax with its own bg", "best": None, "best_rule": None,
+                  "iou": own["iou"]}
+    else:
+        own, best = result["fixed"], result["best"]
+        scores = {"own": own["miou"], "own_rule": f"tau = {own['threshold']:g}", "best": best["miou"],
+                  "best_rule": f"tau = {best['threshold']:g}", "iou": best["iou"]}
+    scores["own_fg"] = scores["gt_fg"] = None
+    if own.get("confusion") is not None:
+        confusion = np.asarray(own["confusion"], dtype=np.float64)  # rows: ground truth, columns: prediction
+        total = confusion.sum()
+        if total > 0:
+            scores["own_fg"], scores["gt_fg"] = confusion[:, 1:].sum() / total, confusion[1:].sum() / total
+    return scores
 
 
 def parse_thresholds(text: str) -> list[float]:

@@ -1,6 +1,7 @@
 """``lit-wsss pipeline``: the IRN chain as one command (../shared/methods/protocol.md, pipeline steps 1-7).
 
-[train encoder ->] train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels.
+[train encoder ->] train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels
+(``--cams-only`` stops after eval CAMs).
 
 GSLM (``--method gslm``) trains in rounds: its first two stages are one, ``GSLM rounds`` (``lit-wsss gslm``
 under ``<out>/gslm``: seeds and SLM training on the data set's training list, ``--list`` scored after every
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="background thresholds swept by both evaluations, start:stop:step (eval-cam's default)")
     parser.add_argument("--gslm-rounds", type=int, default=None, help="GSLM: SLM rounds (default: the driver's 3)")
     parser.add_argument("--slm-args", default="", help="GSLM: extra lit-wsss arguments for the SLM rounds only")
+    parser.add_argument("--train-list", default=None,
+                        help="GSLM: ids whose seeds train the SLM (default: the data set's, voc train_aug)")
+    parser.add_argument("--cams-only", action="store_true", help="stop after eval CAMs (no IR labels, IRNet)")
     args = parser.parse_args(argv)
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "gslm":  # the SLM trains on the data set's training list; --list is scored and refined
         from lit_wsss.gslm_rounds import resolve_lists, scored_cams
 
-        seed_list, _ = resolve_lists(args.data, None, args.list)
+        seed_list, _ = resolve_lists(args.data, args.train_list, args.list)
         cams = scored_cams(out / "gslm", rounds - 1, seed_list, args.list)
     summary: list[dict[str, Any]] = []
     encoder_config = EXPERIMENTS / args.data / f"{args.method}_encoder.yaml"
@@ -161,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate, *num_classes(),
                                                               "--out", str(out / "eval_cams.json")]),
           lambda: miou(out / "eval_cams.json"))
+    if args.cams_only:
+        return 0
     stage("IR labels", lambda: _tool("lit_wsss.refine.ir_labels", [
         "--cams", str(cams), "--root", args.root, "--list", args.list, "--out", str(ir_labels),
         "--workers", str(args.workers), "--no-progress", *shlex.split(args.ir_args)]),

@@ -4,12 +4,16 @@ images, one short training each, through CAMs, IRN and both evaluations into one
 import json
 import re
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from lit_wsss.benchmark import METHODS, main, pipeline_args, read_budget, section_args
 from lit_wsss.datamodules.synthetic import generate_synthetic_voc
+
+BUDGETS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "benchmark").glob("*.yaml"))
 
 TINY_BUDGET = {
     "seed": 0, "list": "val", "sweep": "0.0:1.2:0.1", "ir_workers": 1,
@@ -35,6 +39,14 @@ def test_section_args_and_budget_errors(tmp_path):
         read_budget(bad)
 
 
+@pytest.mark.parametrize("path", BUDGETS, ids=lambda p: p.name)
+def test_shipped_budgets_read(path):
+    budget = read_budget(path)
+    assert set(budget.get("methods") or METHODS) <= set(METHODS)
+    for method in METHODS:
+        assert any(a.startswith("--cam-args=") for a in pipeline_args(method, budget, "voc", "root", "out"))
+
+
 def test_every_method_gets_the_same_budget():
     """The shared sections reach every method; method sections only their own method."""
     args = {m: pipeline_args(m, TINY_BUDGET, "synth", "root", "out") for m in METHODS}
@@ -45,6 +57,9 @@ def test_every_method_gets_the_same_budget():
         assert ("--model.init_args.encoder_backbone=resnet18" in cam) == (method == "slams")
         assert ("--gslm-rounds" in values) == (method == "gslm")
         assert "--thresholds=0.0:1.2:0.1" in values
+    # GSLM's seeds come from the budget's training list, not the data set's default (voc: train_aug)
+    gslm = pipeline_args("gslm", {**TINY_BUDGET, "data": {"train_list": "train"}}, "voc", "root", "out")
+    assert gslm[gslm.index("--train-list") + 1] == "train"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -56,6 +71,14 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     results, out = tmp_path / "results.md", tmp_path / "run"
     argv = ["--data", "synth", "--root", str(root), "--budget", str(budget), "--results", str(results),
             "--out", str(out)]
+    # CAMs only first: no IRN stage runs, the pseudo-label column says so
+    assert main([*argv, "--cams-only"]) == 0
+    assert not list(out.glob("*/eval_pseudo_labels.json")) and not list(out.glob("*/irn"))
+    assert results.read_text().count("- (not run: --cams-only)") == len(METHODS)
+    cams_only_seconds = {m: json.loads((out / m / "benchmark.json").read_text())["seconds"] for m in METHODS}
+    trained = {path: path.stat().st_mtime_ns for path in out.rglob("last.ckpt")}
+    assert len(trained) >= len(METHODS)
+    # the full run goes on from the scored CAMs and adds its time to theirs
     assert main(argv) == 0
     text = results.read_text()
     rows = [line for line in text.splitlines() if re.match(r"\| (cam|sipe|cpn|vwe|gslm|slams) \| \d", line)]
@@ -67,10 +90,19 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
         own = cams["bg_argmax"]["miou"] if cams["mode"] == "bg_argmax" else cams["fixed"]["miou"]
         own_pseudo = pseudo["bg_argmax"]["miou"] if pseudo["mode"] == "bg_argmax" else pseudo["fixed"]["miou"]
         assert row[2].strip().startswith(f"{100 * own:.2f}") and row[4].strip().startswith(f"{100 * own_pseudo:.2f}")
+        shares = []
+        for result in (cams, pseudo):  # foreground share: predicted columns 1.. and ground-truth rows 1..
+            own_block = result["bg_argmax"] if result["mode"] == "bg_argmax" else result["fixed"]
+            confusion = np.array(own_block["confusion"], dtype=float)
+            shares.append((confusion[:, 1:].sum() / confusion.sum(), confusion[1:].sum() / confusion.sum()))
+        assert shares[0][1] == pytest.approx(shares[1][1])  # the same masks under both
+        assert row[5].strip() == f"{100 * shares[0][0]:.0f} % / {100 * shares[1][0]:.0f} % ({100 * shares[0][1]:.0f} %)"
         assert cams["num_images"] == 4
         assert cams["mode"] == "bg_argmax" or cams["thresholds"][-1] == pytest.approx(1.2)  # the budget's sweep
+        assert json.loads((out / method / "benchmark.json").read_text())["seconds"] > cams_only_seconds[method]
+    assert {path: path.stat().st_mtime_ns for path in trained} == trained  # no CAM network trained again
     assert results.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "oracle" in text and "| background |" in text
+    assert "oracle" in text and "| background |" in text and "--cams-only" not in text.split("| method |")[1]
     # a rerun resumes: nothing runs again, the same table comes back
     before = {m: (out / m / "benchmark.json").read_text() for m in METHODS}
     assert main(argv) == 0

@@ -16,8 +16,7 @@ TRAINER_FILES = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
 
 
 # Overlays (data-set variants) and the files they are layered on; every other file is a method.
-OVERLAYS = {"mini.yaml": ["cam.yaml"], "mini_cpu.yaml": ["cam.yaml", "mini.yaml"], "mini_irn.yaml": ["irn.yaml"],
-            "bench_cpu.yaml": ["cam.yaml"]}
+OVERLAYS = {"mini.yaml": ["cam.yaml"], "mini_cpu.yaml": ["cam.yaml", "mini.yaml"], "mini_irn.yaml": ["irn.yaml"]}
 
 
 def config_args(data: str, method: str) -> list[str]:
