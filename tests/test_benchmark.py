@@ -40,11 +40,28 @@ def test_section_args_and_budget_errors(tmp_path):
 
 
 @pytest.mark.parametrize("path", BUDGETS, ids=lambda p: p.name)
-def test_shipped_budgets_read(path):
+def test_shipped_budgets_parse_into_every_stage(path, monkeypatch, capsys):
+    """Every key of a shipped budget is an argument the CLI accepts, in the stages that get it (SLAMs: its
+    encoder and CAM network; GSLM: its SLM; every method's IRNet)."""
+    import shlex
+
+    from lit_wsss.cli import main as cli_main
+
+    monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     budget = read_budget(path)
     assert set(budget.get("methods") or METHODS) <= set(METHODS)
-    for method in METHODS:
-        assert any(a.startswith("--cam-args=") for a in pipeline_args(method, budget, "voc", "root", "out"))
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "voc"
+    for method, flag, config in [("slams", "--cam-args=", "slams.yaml"), ("slams", "--encoder-args=", "slams_encoder.yaml"),
+                                 ("gslm", "--slm-args=", "gslm.yaml"), ("cam", "--irn-args=", "irn.yaml")]:
+        args = pipeline_args(method, budget, "voc", "root", "out")
+        extra = shlex.split(next(a for a in args if a.startswith(flag))[len(flag):])
+        if flag == "--slm-args=":
+            extra = shlex.split(next(a for a in args if a.startswith("--cam-args="))[len("--cam-args="):]) + extra
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", str(experiments / "_base.yaml"), "--config", str(experiments / config),
+                      *extra, "--print_config"])
+        assert exit_info.value.code in (None, 0), (method, flag, capsys.readouterr().err[-2000:])
+        capsys.readouterr()
 
 
 def test_every_method_gets_the_same_budget():
