@@ -89,8 +89,8 @@ def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: 
                cams_only: bool = False) -> dict[str, Any]:
     """Runs (or resumes) one method's pipeline in a child process; returns its timing record.
 
-    The record's seconds add up the invocations that finished a part (a ``--cams-only`` run, then the rest); an
-    interrupted invocation writes no record, so its time is not counted.
+    The record's seconds add up every invocation of the method (a ``--cams-only`` run, then the rest; a failed one,
+    then the rerun that resumes it); only a benchmark killed while a method runs loses that method's time.
     """
     folder = out / method
     record_path = folder / "benchmark.json"
@@ -105,17 +105,18 @@ def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: 
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                  env={**os.environ, **MALLOC_ENV, "NO_ALBUMENTATIONS_UPDATE": "1"})
         _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     seconds = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        raise RuntimeError(f"{method}: lit-wsss pipeline failed (exit {code}); see {folder / 'pipeline.log'}")
     # ru_maxrss is in KiB on Linux: the largest resident set of the pipeline process (its stages run in it).
     peak_mb = round(usage.ru_maxrss / 1024)
     if previous:
         seconds += previous["seconds"]
         peak_mb = max(peak_mb, previous["peak_rss_mb"])
     record = {"method": method, "seconds": round(seconds, 1), "peak_rss_mb": peak_mb, "command": command[2:]}
-    write_json_atomic(record_path, record)
+    write_json_atomic(record_path, record)  # also after a failure: the rerun that resumes adds its time to this
+    if child.returncode:
+        raise RuntimeError(f"{method}: lit-wsss pipeline failed (exit {child.returncode}); "
+                           f"see {folder / 'pipeline.log'}")
     return record
 
 

@@ -4,8 +4,8 @@
 (``--cams-only`` stops after eval CAMs).
 
 GSLM (``--method gslm``) trains in rounds: its first two stages are one, ``GSLM rounds`` (``lit-wsss gslm``
-under ``<out>/gslm``: seeds and SLM training on the data set's training list, ``--list`` scored after every
-round), and the IRN stages start from the last round's CAMs of ``--list``.
+under ``<out>/gslm``: seeds and SLM training on ``--train-list`` (default: the data set's), ``--list`` scored
+after every round), and the IRN stages start from the last round's CAMs of ``--list``.
 
 Every stage is the ordinary CLI run (``lit-wsss fit/predict``, ``eval-cam``, ``ir-labels``) with its own output
 folder under ``--out``; each stage reads the manifest of the one before (style.md P8), so a stage can also be
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     irn_args = _configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
     cams, ir_labels, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
     rounds = args.gslm_rounds if args.gslm_rounds is not None else NUM_ROUNDS
-    if args.method == "gslm":  # the SLM trains on the data set's training list; --list is scored and refined
+    if args.method == "gslm":  # the SLM trains on --train-list; --list is scored and refined
         from lit_wsss.gslm_rounds import resolve_lists, scored_cams
 
         seed_list, _ = resolve_lists(args.data, args.train_list, args.list)

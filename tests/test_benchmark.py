@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from lit_wsss.benchmark import METHODS, main, pipeline_args, read_budget, section_args
+from lit_wsss.benchmark import METHODS, main, pipeline_args, read_budget, run_method, section_args
 from lit_wsss.datamodules.synthetic import generate_synthetic_voc
 
 BUDGETS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "benchmark").glob("*.yaml"))
@@ -62,6 +62,19 @@ def test_shipped_budgets_parse_into_every_stage(path, monkeypatch, capsys):
                       *extra, "--print_config"])
         assert exit_info.value.code in (None, 0), (method, flag, capsys.readouterr().err[-2000:])
         capsys.readouterr()
+
+
+def test_a_failed_method_keeps_its_time_for_the_rerun(tmp_path):
+    """A pipeline that fails still records its seconds; the next attempt adds its own to them."""
+    out = tmp_path / "run"
+    for attempt in (1, 2):
+        with pytest.raises(RuntimeError, match=r"cam: lit-wsss pipeline failed .*pipeline.log"):
+            run_method("cam", {"trainer": {"max_steps": 1}}, "voc", tmp_path / "no-such-root", out)
+        seconds = json.loads((out / "cam" / "benchmark.json").read_text())["seconds"]
+        if attempt == 1:
+            first = seconds
+    assert 0 < first < seconds
+    assert "no-such-root" in (out / "cam" / "pipeline.log").read_text()
 
 
 def test_every_method_gets_the_same_budget():
