@@ -57,7 +57,7 @@ pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams [DATA=syn
 
 benchmark: DATA_ROOT = ../shared/data/voc12-bench
 benchmark: RESULTS = docs/results.md
-benchmark: BUDGET = experiments/benchmark/cpu.yaml
+benchmark: BUDGET = benchmarks/budgets/cpu.yaml
 benchmark: install  ## make benchmark [DATA_ROOT=voc-style root RESULTS=docs/results.md BUDGET=...]: every method, one table (resumes)
 	$(BIN)/lit-wsss benchmark --root $(DATA_ROOT) --results $(RESULTS) --budget $(BUDGET) $(ARGS)
 

@@ -2,7 +2,7 @@
 
 For each method, ``lit-wsss pipeline`` (train -> CAMs -> eval -> IR labels -> IRNet -> pseudo labels -> eval) on
 ``--root``'s list with image-level labels only, every stage configured from the one budget file
-(``experiments/benchmark/cpu.yaml``): its ``data`` / ``model`` / ``trainer`` sections become arguments of every
+(``benchmarks/budgets/cpu.yaml``): its ``data`` / ``model`` / ``trainer`` sections become arguments of every
 CAM training and export, ``cam_model`` of the CAM networks only, ``irn`` of the IRNet stages, ``gslm`` and
 ``slams`` of those methods' extra stages. Each method runs in its own process (its peak resident memory is read
 from the kernel when it ends) and its own folder ``<out>/<method>``; a method whose pseudo labels are scored is
@@ -33,7 +33,7 @@ from lit_wsss.evaluation import headline
 from lit_wsss.io import write_bytes_atomic, write_json_atomic
 
 METHODS = ("cam", "sipe", "cpn", "vwe", "gslm", "slams")
-DEFAULT_BUDGET = Path(__file__).resolve().parents[1] / "experiments" / "benchmark" / "cpu.yaml"
+DEFAULT_BUDGET = Path(__file__).resolve().parents[1] / "benchmarks" / "budgets" / "cpu.yaml"
 # glibc returns large freed blocks to the OS and faults them back every step: 3x slower CPN steps on the CPU
 # (docs/benchmarks.md, "CPU memory allocator").
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "68719476736",

@@ -20,6 +20,11 @@ DEFAULT_CAM_SCALES: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
 DEFAULT_BG_THRESHOLD = 0.15
 #: Added to the per-class max before normalising (protocol.md §8, "normalisation eps").
 NORM_EPS = 1e-5
+#: How a method sizes its full-resolution CAM: ``padded`` = IRN ``make_cam.py`` (bilinear resize to the
+#: 16-multiple padded size, then crop to ``H x W``), ``full`` = bilinear resize straight to ``H x W`` (VWE,
+#: GSLM ``step/make_cam.py``, SLAMs-R). On a 375 x 500 image the two differ by up to 12 px at the
+#: bottom/right edge.
+HIGH_RES_RULES = ("padded", "full")
 
 
 class CAMRecord(TypedDict):
@@ -138,8 +143,8 @@ def multiscale_cam_sums(
     differently (GSLM's bounded CAMs, cls.md §2.4)."""
     if flip_fusion not in ("sum", "max"):
         raise ValueError(f"unknown flip fusion {flip_fusion!r}; expected 'sum' or 'max'")
-    if high_res not in ("padded", "full"):
-        raise ValueError(f"high_res must be 'padded' or 'full', got {high_res!r}")
+    if high_res not in HIGH_RES_RULES:
+        raise ValueError(f"high_res must be one of {list(HIGH_RES_RULES)}, got {high_res!r}")
     if image.dim() == 4:
         if image.shape[0] != 1:
             raise ValueError(f"one image at a time, got a batch of {image.shape[0]}")

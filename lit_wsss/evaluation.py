@@ -7,6 +7,12 @@ nan-mean of the per-class IoUs (:func:`lit_wsss.metrics.miou_from_confusion`). I
 threshold (0.15); later repos sweep it. A threshold picked on the evaluation masks is optimistic, so both
 the fixed-threshold and the oracle (best-on-these-masks) numbers are reported, labelled as such.
 
+Which classes the mean is taken over (``--mean-over``): ``union`` (default; IRN, chainercv: every class with
+a non-empty union of prediction and ground truth) or ``ground_truth`` (VWE ``utils/pyutils.py``: only the
+classes present in the ground truth, so a class that is predicted but absent costs nothing). Both values,
+the pixel accuracy and the mean class accuracy (mean recall over the classes present in the ground truth,
+VWE's "Mean Accuracy") are in every result, from the same confusion matrix.
+
 CAM files (protocol.md §12): ``<cams>/<id>.npz`` holding ``keys`` int64 (K,) 0-based foreground indices,
 ``high_res`` float32 (K, H, W), ``cam`` (K, ceil(H/4), ceil(W/4)) (not used here) and optionally ``bg``
 float32 (H, W) for methods that predict their own background; those files are scored by a plain argmax over
@@ -63,6 +69,11 @@ __all__ = [
 ]
 
 ORACLE_LABEL = "oracle (best on these masks)"
+#: ``--mean-over``: the class set the mIoU averages over (module docstring).
+MEAN_OVER = {
+    "union": "classes with a non-empty union of prediction and ground truth (IRN, chainercv)",
+    "ground_truth": "classes present in the ground truth (VWE utils/pyutils.py)",
+}
 FIXED_LABEL = "fixed"
 ARGMAX_LABEL = "argmax over [bg, high_res] (no threshold)"
 
@@ -214,23 +225,46 @@ def _nan_to_none(values: np.ndarray) -> list:
     return [_nan_to_none(v) for v in values]
 
 
-def _scores(confusion: np.ndarray) -> dict[str, Any]:
-    """mIoU, per-class IoU, precision (C_cc / column sum) and recall (C_cc / row sum) of one matrix."""
+def _nan_mean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+
+
+def _scores(confusion: np.ndarray, mean_over: str = "union") -> dict[str, Any]:
+    """Scores of one matrix ``C[ground truth, prediction]``: per-class IoU, precision (C_cc / column sum),
+    recall (C_cc / row sum); mIoU over the ``mean_over`` class set (:data:`MEAN_OVER`) and over both sets;
+    pixel accuracy (trace / total) and mean class accuracy (mean recall over classes in the ground truth)."""
+    if mean_over not in MEAN_OVER:
+        raise ValueError(f"mean_over must be one of {list(MEAN_OVER)}, got {mean_over!r}")
     matrix = torch.from_numpy(confusion)
     iou = iou_from_confusion(matrix).numpy()
-    miou = float(miou_from_confusion(matrix)) if not np.isnan(iou).all() else float("nan")
+    miou_union = float(miou_from_confusion(matrix)) if not np.isnan(iou).all() else float("nan")
+    in_ground_truth = confusion.sum(1) > 0
+    miou_ground_truth = _nan_mean(np.where(in_ground_truth, iou, np.nan))
     diagonal = confusion.diagonal().astype(np.float64)
+    total = confusion.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
         precision = np.where(confusion.sum(0) > 0, diagonal / confusion.sum(0), np.nan)
-        recall = np.where(confusion.sum(1) > 0, diagonal / confusion.sum(1), np.nan)
-    return {"miou": miou, "iou": iou, "precision": precision, "recall": recall}
+        recall = np.where(in_ground_truth, diagonal / confusion.sum(1), np.nan)
+    return {
+        "miou": miou_union if mean_over == "union" else miou_ground_truth,
+        "miou_union": miou_union,
+        "miou_ground_truth": miou_ground_truth,
+        "pixel_accuracy": float(diagonal.sum() / total) if total else float("nan"),
+        "mean_class_accuracy": _nan_mean(recall),
+        "iou": iou,
+        "precision": precision,
+        "recall": recall,
+    }
 
 
-def _block(confusion: np.ndarray, **extra: Any) -> dict[str, Any]:
-    scores = _scores(confusion)
+_SCALARS = ("miou", "miou_union", "miou_ground_truth", "pixel_accuracy", "mean_class_accuracy")
+
+
+def _block(confusion: np.ndarray, mean_over: str = "union", **extra: Any) -> dict[str, Any]:
+    scores = _scores(confusion, mean_over)
     return {
         **extra,
-        "miou": _nan_to_none(np.float64(scores["miou"])),
+        **{name: _nan_to_none(np.float64(scores[name])) for name in _SCALARS},
         "iou": _nan_to_none(scores["iou"]),
         "precision": _nan_to_none(scores["precision"]),
         "recall": _nan_to_none(scores["recall"]),
@@ -280,30 +314,38 @@ def _match(value: float, candidates: Sequence[float]) -> int | None:
     return None
 
 
-def sweep_summary(confusions: np.ndarray, thresholds: Sequence[float], fixed_threshold: float) -> dict[str, Any]:
-    """Scores of a threshold sweep: per-threshold mIoU/IoU/precision/recall, the oracle and the fixed threshold.
+def sweep_summary(
+    confusions: np.ndarray, thresholds: Sequence[float], fixed_threshold: float, mean_over: str = "union"
+) -> dict[str, Any]:
+    """Scores of a threshold sweep: per-threshold mIoU/IoU/precision/recall/accuracies, the oracle and the
+    fixed threshold.
 
     Args:
         confusions: ``(T, C+1, C+1)`` matrices for ``thresholds``, plus one more (last) for ``fixed_threshold``
             when it is not among them.
         thresholds: the sweep.
         fixed_threshold: the method's default threshold (the headline number).
+        mean_over: the class set of the mIoU (:data:`MEAN_OVER`); the oracle is the best by that mIoU.
     """
     sweep = list(thresholds)
     fixed_index = _match(fixed_threshold, sweep)
-    scores = [_scores(matrix) for matrix in confusions[: len(sweep)]]
+    scores = [_scores(matrix, mean_over) for matrix in confusions[: len(sweep)]]
     miou = np.array([s["miou"] for s in scores])
     best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else 0  # first best: lowest such tau
     fixed_matrix = confusions[fixed_index if fixed_index is not None else len(sweep)]
     summary = {
         "thresholds": sweep,
+        "mean_over": mean_over,
         "miou": _nan_to_none(miou),
+        "pixel_accuracy": _nan_to_none(np.array([s["pixel_accuracy"] for s in scores])),
+        "mean_class_accuracy": _nan_to_none(np.array([s["mean_class_accuracy"] for s in scores])),
         "iou": [_nan_to_none(s["iou"]) for s in scores],
         "precision": [_nan_to_none(s["precision"]) for s in scores],
         "recall": [_nan_to_none(s["recall"]) for s in scores],
         "confusion": np.asarray(confusions[: len(sweep)]).tolist(),
-        "best": _block(confusions[best], threshold=sweep[best], chosen=ORACLE_LABEL),
-        "fixed": _block(fixed_matrix, threshold=fixed_threshold, chosen=FIXED_LABEL, in_sweep=fixed_index is not None),
+        "best": _block(confusions[best], mean_over, threshold=sweep[best], chosen=ORACLE_LABEL),
+        "fixed": _block(fixed_matrix, mean_over, threshold=fixed_threshold, chosen=FIXED_LABEL,
+                        in_sweep=fixed_index is not None),
     }
     del summary["best"]["confusion"]  # the same as confusion[best]
     return summary
@@ -320,6 +362,7 @@ def evaluate_cam_folder(
     *,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
+    mean_over: str = "union",
 ) -> dict[str, Any]:
     """Dataset-level CAM mIoU of a folder of CAM files at every threshold of a sweep (protocol.md §5).
 
@@ -338,6 +381,7 @@ def evaluate_cam_folder(
             0.15 (:data:`lit_wsss.cams.DEFAULT_BG_THRESHOLD`). Evaluated even if it is not in the sweep.
         class_names: ``C+1`` names (background first) or ``C`` foreground names; default VOC's.
         progress: show a tqdm progress bar (stderr).
+        mean_over: the class set every mIoU averages over (:data:`MEAN_OVER`); both values are reported.
 
     Returns:
         A JSON-serialisable dict (nan written as None): ``thresholds``, ``miou`` (per threshold), ``iou``,
@@ -358,6 +402,8 @@ def evaluate_cam_folder(
         raise ValueError("no image ids to evaluate")
     if not sweep:
         raise ValueError("no thresholds given")
+    if mean_over not in MEAN_OVER:
+        raise ValueError(f"mean_over must be one of {list(MEAN_OVER)}, got {mean_over!r}")
     duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
     if duplicates:
         raise ValueError(f"the id list repeats {len(duplicates)} id(s), e.g. {duplicates[:5]}")
@@ -422,12 +468,13 @@ def evaluate_cam_folder(
         "num_images": len(ids),
         "num_classes": num_classes,
         "class_names": names,
+        "mean_over": mean_over,
         "mode": "sweep" if with_bg == 0 else ("bg_argmax" if swept == 0 else "mixed"),
         # the manifest minus its per-image table (CAMWriter's "images": one entry per id, large)
         "manifest": {key: value for key, value in manifest.items() if key != "images"},
     }
     if swept:
-        result.update(sweep_summary(sweep_total, sweep, fixed_threshold))
+        result.update(sweep_summary(sweep_total, sweep, fixed_threshold, mean_over))
         result["num_images_swept"] = swept
     else:
         result.update(thresholds=[], miou=[], iou=[], precision=[], recall=[], confusion=[],
@@ -435,7 +482,7 @@ def evaluate_cam_folder(
                       note="every CAM file has an explicit 'bg' map: the background-threshold sweep does not "
                            "apply; only the plain argmax over [bg, high_res] is reported (bg_argmax)")
     if with_bg:
-        result["bg_argmax"] = _block(argmax_total, chosen=ARGMAX_LABEL, num_images=with_bg)
+        result["bg_argmax"] = _block(argmax_total, mean_over, chosen=ARGMAX_LABEL, num_images=with_bg)
         if swept:
             result["note"] = (f"mixed folder: {swept} files without 'bg' are in the sweep, {with_bg} files "
                               "with 'bg' only in bg_argmax; neither covers the whole list")
@@ -449,14 +496,30 @@ def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def _other_mean_over(mean_over: str) -> str:
+    return next(name for name in MEAN_OVER if name != mean_over)
+
+
+def _block_summary(label: str, block: dict[str, Any], mean_over: str) -> str:
+    """One report line: mIoU, the mIoU over the other class set when it differs, pixel and class accuracy."""
+    other = _other_mean_over(mean_over)
+    line = f"{label}: mIoU **{_percent(block['miou'])} %**"
+    if block.get(f"miou_{other}") is not None and not math.isclose(block[f"miou_{other}"], block["miou"] or 0.0,
+                                                                   abs_tol=5e-5):
+        line += f" (over the {MEAN_OVER[other]}: {_percent(block[f'miou_{other}'])} %, `--mean-over {other}`)"
+    return (line + f"; pixel accuracy {_percent(block.get('pixel_accuracy'))} %, mean class accuracy "
+            f"{_percent(block.get('mean_class_accuracy'))} %")
+
+
 def sweep_markdown(result: dict[str, Any]) -> str:
+    mean_over = result.get("mean_over", "union")
     lines = [
         "# CAM evaluation",
         "",
         f"- CAMs: `{result['cams']}`",
         f"- ground truth: `{result['ground_truth']}`",
-        f"- images: {result['num_images']} (dataset-level confusion, ground truth 255 ignored, "
-        f"mIoU = nan-mean over {result['num_classes'] + 1} classes)",
+        f"- images: {result['num_images']} (dataset-level confusion, ground truth 255 ignored; mIoU = mean "
+        f"over the {MEAN_OVER[mean_over]}, of {result['num_classes'] + 1} classes)",
     ]
     if result.get("note"):
         lines.append(f"- note: {result['note']}")
@@ -464,9 +527,9 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     if result["thresholds"]:
         fixed, best = result["fixed"], result["best"]
         lines += [
-            f"- fixed threshold {fixed['threshold']:g}: mIoU **{_percent(fixed['miou'])} %**",
-            f"- {best['chosen']} threshold {best['threshold']:g}: mIoU {_percent(best['miou'])} % "
-            "(picked on the evaluation masks: optimistic)",
+            "- " + _block_summary(f"fixed threshold {fixed['threshold']:g}", fixed, mean_over),
+            "- " + _block_summary(f"{best['chosen']} threshold {best['threshold']:g} (picked on the evaluation "
+                                  "masks: optimistic)", best, mean_over),
             "",
             "## mIoU per threshold",
             "",
@@ -497,7 +560,7 @@ def sweep_markdown(result: dict[str, Any]) -> str:
             "",
             f"## Files with their own background: {block['chosen']}",
             "",
-            f"{block['num_images']} images, mIoU **{_percent(block['miou'])} %**",
+            _block_summary(f"{block['num_images']} images", block, mean_over),
             "",
             "| id | class | IoU (%) | precision (%) | recall (%) |",
             "|---:|---|---:|---:|---:|",
@@ -641,6 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed-threshold", type=float,
                         help="reported threshold (default: manifest bg_threshold, else "
                              f"{DEFAULT_BG_THRESHOLD})")
+    parser.add_argument("--mean-over", choices=list(MEAN_OVER), default="union",
+                        help="classes the mIoU averages over: " + "; ".join(f"{k}: {v}" for k, v in MEAN_OVER.items())
+                        + " (default union; both are in the JSON)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -663,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate_cam_folder(
             args.cams, root, ids, thresholds, num_classes=args.num_classes, mask_dir=args.mask_dir,
             fixed_threshold=args.fixed_threshold, class_names=names, progress=not args.no_progress,
+            mean_over=args.mean_over,
         )
         paths = write_reports(result, args.out)
     except (FileNotFoundError, ValueError) as error:
@@ -670,7 +737,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result["fixed"] is not None:
         fixed, best = result["fixed"], result["best"]
-        print(f"fixed threshold {fixed['threshold']:g}: mIoU {_percent(fixed['miou'])} %")
+        print(f"fixed threshold {fixed['threshold']:g}: mIoU {_percent(fixed['miou'])} % (over the "
+              f"{MEAN_OVER[args.mean_over]}); pixel accuracy {_percent(fixed['pixel_accuracy'])} %, "
+              f"mean class accuracy {_percent(fixed['mean_class_accuracy'])} %")
         print(f"oracle threshold {best['threshold']:g} (best on these masks, optimistic): "
               f"mIoU {_percent(best['miou'])} %")
     if "bg_argmax" in result:

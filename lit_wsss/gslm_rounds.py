@@ -8,6 +8,15 @@ and evaluation under ``<out>/round<r>/``. The GLM's own CAMs are evaluated too, 
 is the ordinary CLI run, skipped when its output exists (a rerun resumes); ``<out>/gslm.json`` collects the
 per-round mIoU. When the evaluation list is the training list, the CAMs scored after a round are exported
 once and are also the next round's seed CAMs (``round<r+1>/cams``).
+
+Lightning overrides after the driver's own options go to every stage, as ``make train ARGS=...`` does for
+the other methods: ``--trainer.*`` to the GLM's and every round's fit, ``--model.*`` / ``--data.*`` to the fits
+and the CAM exports (``--data.init_args.root`` is the same as ``--root``). With ``--trainer.fast_dev_run``
+every fit runs one batch and the whole chain runs in a temporary folder that is deleted afterwards (a fast
+dev run is a check, never a result to resume from).
+
+The GLM's CAMs are sized as GSLM's ``step/make_cam.py`` sizes them, straight to the image size
+(``cam_high_res=full``), not on IRN's 16-padded canvas (issue 13).
 """
 
 from __future__ import annotations
@@ -16,7 +25,9 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +37,45 @@ from lit_wsss.losses.gslm import CONF_BG_THRESHOLD, CONF_FG_THRESHOLD, GSLM_CRF_
 from lit_wsss.pipeline import EXPERIMENTS, _configs, _fit, _predict, _tool
 
 DEFAULT_ROOTS = {"synth": "data/synthetic"}
+#: Option prefixes of the Lightning CLI passed through to the stages; trainer options reach the fits only.
+TRAINER_OVERRIDES = ("--trainer.", "--seed_everything")
+MODEL_DATA_OVERRIDES = ("--model.", "--data.")
+#: GSLM's export resizes CAMs straight to the image size; the GLM is the baseline CAM, IRN's rule by default.
+GLM_HIGH_RES = "--model.init_args.cam_high_res=full"
+_FALSE = ("false", "0", "null", "none")
+
+
+def split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Lightning overrides as ``--key=value`` tokens: (trainer options, model and data options).
+
+    ``--key value`` is joined into one token. Raises ``ValueError`` naming the first token that is no
+    Lightning option.
+    """
+    trainer: list[str] = []
+    model_data: list[str] = []
+    index = 0
+    while index < len(extra):
+        token = extra[index]
+        if not token.startswith(TRAINER_OVERRIDES + MODEL_DATA_OVERRIDES):
+            raise ValueError(f"unrecognized argument {token!r}: expected the driver's options (--help) or "
+                             "Lightning overrides (--trainer.*, --model.*, --data.*, --seed_everything)")
+        if "=" not in token and index + 1 < len(extra) and not extra[index + 1].startswith("--"):
+            token = f"{token}={extra[index + 1]}"
+            index += 1
+        (trainer if token.startswith(TRAINER_OVERRIDES) else model_data).append(token)
+        index += 1
+    return trainer, model_data
+
+
+def _override_value(tokens: list[str], key: str) -> str | None:
+    """The last value given to ``key`` (``--key=value``) in ``tokens``, else None."""
+    values = [token.split("=", 1)[1] for token in tokens if token.split("=", 1)[0] == key and "=" in token]
+    return values[-1] if values else None
+
+
+def is_fast_dev_run(trainer_overrides: list[str]) -> bool:
+    value = _override_value(trainer_overrides, "--trainer.fast_dev_run")
+    return value is not None and value.strip().lower() not in _FALSE
 DEFAULT_LISTS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("train2014", "train2014")}
 
 
@@ -59,17 +109,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    root = args.root or DEFAULT_ROOTS.get(args.data)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        trainer_overrides, model_data_overrides = split_overrides(extra)
+    except ValueError as error:
+        parser.error(str(error))
+    override_root = _override_value(model_data_overrides, "--data.init_args.root")
+    if override_root is not None and args.root is not None and override_root != args.root:
+        parser.error(f"--root {args.root} and --data.init_args.root={override_root} disagree")
+    root = args.root or override_root or DEFAULT_ROOTS.get(args.data)
     if root is None:
-        print("lit-wsss gslm: error: --root is required for --data " + args.data, file=sys.stderr)
-        return 2
+        parser.error("--root (or --data.init_args.root) is required for --data " + args.data)
+    fast_dev_run = is_fast_dev_run(trainer_overrides)
+    if fast_dev_run and args.out is not None:
+        parser.error("--out with --trainer.fast_dev_run: a fast dev run is a throwaway check that runs in a "
+                     "temporary folder and is never resumed; drop --out")
+    with ExitStack() as cleanup:
+        if fast_dev_run:
+            out = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="lit-wsss-gslm-fast_dev_run-")))
+            print(f"gslm | fast_dev_run: every fit runs one batch; outputs in {out} (deleted afterwards)", flush=True)
+        else:
+            out = Path(args.out or f"outputs/gslm/{args.data}")
+        return _run_rounds(args, root, out, trainer_overrides, model_data_overrides)
+
+
+def _run_rounds(args: argparse.Namespace, root: str, out: Path, trainer_overrides: list[str],
+                model_data_overrides: list[str]) -> int:
     train_list, eval_list = resolve_lists(args.data, args.train_list, args.eval_list)
-    out = Path(args.out or f"outputs/gslm/{args.data}")
     out.mkdir(parents=True, exist_ok=True)
     data_args = [f"--data.init_args.root={root}"]
-    glm = _configs(args.data, "cam", args.config) + data_args + shlex.split(args.glm_args)
-    slm = _configs(args.data, "gslm", args.config) + data_args + shlex.split(args.slm_args)
+    glm = (_configs(args.data, "cam", args.config) + data_args + [GLM_HIGH_RES] + shlex.split(args.glm_args)
+           + model_data_overrides)
+    slm = _configs(args.data, "gslm", args.config) + data_args + shlex.split(args.slm_args) + model_data_overrides
     summary: list[dict[str, Any]] = []
 
     def stage(name: str, action: Any, result: Any = None) -> None:
@@ -103,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             "--workers", str(args.workers), "--no-progress"])
 
     glm_checkpoint = out / "glm" / "checkpoints" / "last.ckpt"
-    stage("train GLM", lambda: _fit(glm, out / "glm"), lambda: {"checkpoint": str(glm_checkpoint)})
+    stage("train GLM", lambda: _fit(glm + trainer_overrides, out / "glm"),
+          lambda: {"checkpoint": str(glm_checkpoint)})
     glm_cams = scored_cams(out, -1, train_list, eval_list)
     stage("eval GLM", lambda: export(glm, glm_checkpoint, eval_list, glm_cams),
           lambda: evaluate(glm_cams, round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
@@ -117,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                  else f"--model.init_args.init_weights={checkpoint}")
         round_args = [*slm, start, f"--data.init_args.seed_dir={folder / 'seeds'}",
                       f"--model.init_args.cam_bg_threshold={threshold}"]
-        stage(f"round {r}: train SLM", lambda: _fit(round_args, folder / "slm"))
+        stage(f"round {r}: train SLM", lambda: _fit(round_args + trainer_overrides, folder / "slm"))
         model_args, checkpoint = round_args, folder / "slm" / "checkpoints" / "last.ckpt"
         round_cams = scored_cams(out, r, train_list, eval_list)
         stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, round_cams),

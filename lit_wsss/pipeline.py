@@ -42,9 +42,12 @@ def _fit(args: list[str], run_dir: Path) -> Path:
     last = run_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         return last
-    run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
+    cli = run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
                    "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
                    f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]"])
+    if not last.is_file() and cli.trainer.fast_dev_run:
+        # Lightning turns checkpointing off in a fast dev run; the next stage still needs the weights
+        cli.trainer.save_checkpoint(last)
     if not last.is_file():
         raise RuntimeError(f"training finished without {last}")
     return last
@@ -53,7 +56,9 @@ def _fit(args: list[str], run_dir: Path) -> Path:
 def _predict(args: list[str], out_dir: Path) -> None:
     from lit_wsss.cli import run_cli
 
-    run_cli(["predict", *args, f"--trainer.callbacks.init_args.out_dir={out_dir}"])
+    # default_root_dir: the config Lightning saves (config.yaml) goes beside the files it produced
+    run_cli(["predict", *args, f"--trainer.callbacks.init_args.out_dir={out_dir}",
+             f"--trainer.default_root_dir={out_dir}"])
 
 
 def _tool(module: str, argv: list[str]) -> None:

@@ -13,7 +13,7 @@ import yaml
 from lit_wsss.benchmark import METHODS, main, pipeline_args, read_budget, run_method, section_args
 from lit_wsss.datamodules.synthetic import generate_synthetic_voc
 
-BUDGETS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "benchmark").glob("*.yaml"))
+BUDGETS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "budgets").glob("*.yaml"))
 
 TINY_BUDGET = {
     "seed": 0, "list": "val", "sweep": "0.0:1.2:0.1", "ir_workers": 1,

@@ -6,10 +6,20 @@ from torch import nn
 
 from lit_wsss.checkpoints import (
     convert_official_cpn_state_dict,
-    is_official_cpn_state_dict,
-    is_official_irn_state_dict,
     load_initial_state_dict,
+    official_layout,
+    unwrap_state_dict,
 )
+
+
+def is_official_cpn_state_dict(state):
+    layout = official_layout(unwrap_state_dict(state)[0])
+    return layout is not None and layout.name == "official CPN checkpoint"
+
+
+def is_official_irn_state_dict(state):
+    layout = official_layout(unwrap_state_dict(state)[0])
+    return layout is not None and layout.name == "official IRN/SIPE checkpoint"
 
 # A few keys of each kind, in the official layout, with tiny tensors (only the names matter here).
 OFFICIAL_BACKBONE_KEYS = (

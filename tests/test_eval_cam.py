@@ -325,3 +325,36 @@ def test_ground_truth_cams_on_voc12_bench(shared_data, tmp_path):
                  "--thresholds", "0.01,0.15,0.5,0.99", "--out", str(out), "--no-progress"]) == 0
     result = json.loads(out.read_text())
     assert result["miou"] == [1.0, 1.0, 1.0, 1.0] and result["num_images"] == 5
+
+
+def test_accuracies_and_the_class_set_of_the_mean(tmp_path, capsys):
+    """Issue 13: pixel accuracy, mean class accuracy (VWE utils/pyutils.py) and which classes the mean runs
+    over, on a 2 x 3 image worked out by hand. Class 2 is labelled and predicted but absent from the mask."""
+    gt = np.array([[0, 1, 1], [0, 0, 255]])
+    high_res = np.array([[[0, 1, 0], [0, 0, 0]],  # class 1
+                         [[0, 0, 1], [1, 0, 0]]], np.float32)  # class 2
+    root, cams = tmp_path / "voc", tmp_path / "cams"
+    write_mask(root / "SegmentationClass" / "a.png", gt)
+    write_cam(cams / "a.npz", [0, 1], high_res)
+    (tmp_path / "ids.txt").write_text("a\n")
+    # prediction at 0.15: [[0, 1, 2], [2, 0, -]]; confusion rows gt 0: (2, 0, 1), gt 1: (0, 1, 1), gt 2: 0
+    iou = [2 / 3, 1 / 2, 0.0]
+    results = {}
+    for mean_over in ("union", "ground_truth"):
+        out = tmp_path / f"{mean_over}.json"
+        assert main(["--cams", str(cams), "--root", str(root), "--list", str(tmp_path / "ids.txt"), "--num-classes",
+                     "2", "--thresholds", "0.15", "--out", str(out), "--no-progress", "--mean-over", mean_over]) == 0
+        results[mean_over] = json.loads(out.read_text())
+    union, present = results["union"]["fixed"], results["ground_truth"]["fixed"]
+    assert union["iou"] == pytest.approx(iou)
+    assert union["miou"] == pytest.approx(sum(iou) / 3) and present["miou"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    for block in (union, present):  # both class sets are in every result
+        assert block["miou_union"] == pytest.approx(7 / 18) and block["miou_ground_truth"] == pytest.approx(7 / 12)
+        assert block["pixel_accuracy"] == pytest.approx(3 / 5)
+        assert block["mean_class_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)  # class 2 has no gt pixel
+    assert results["union"]["mean_over"] == "union" and results["ground_truth"]["mean_over"] == "ground_truth"
+    markdown = (tmp_path / "union.md").read_text()
+    assert "non-empty union" in markdown and "58.33" in markdown and "--mean-over ground_truth" in markdown
+    assert "pixel accuracy 60.00 %" in markdown and "mean class accuracy 58.33 %" in markdown
+    assert "classes present in the ground truth" in (tmp_path / "ground_truth.md").read_text()
+    assert "pixel accuracy 60.00 %" in capsys.readouterr().out

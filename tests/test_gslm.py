@@ -69,6 +69,43 @@ def test_wam_cams_are_absolute():
     assert record["high_res"].max() < 0.5
 
 
+def test_gslm_cams_are_resized_straight_to_the_image_size():
+    """Issue 13: GSLM's make_cam.py interpolates every map straight to H x W, not to IRN's 16-padded canvas.
+    Reference on a 37 x 53 image (not a multiple of 16), one scale: relu6 of the CAM logits of the image and
+    of its flip, un-flipped, bilinearly resized to 37 x 53, summed, divided by 2 maps x tau."""
+    torch.manual_seed(0)
+    model = GSLM(num_classes=3, backbone="resnet18", pretrained=None, pool_size=4, cam_scales=(1.0,)).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(20)  # activations past 6 somewhere: the bound matters
+    image, labels = torch.randn(3, 37, 53), torch.tensor([1.0, 0.0, 1.0])
+    with torch.no_grad():
+        logits = model.classifier(model.features(torch.stack([image, image.flip(-1)])))[:, [0, 2]]
+        bounded = logits.clamp(0, 6)
+        expected = torch.nn.functional.interpolate((bounded[0] + bounded[1].flip(-1))[None], (37, 53),
+                                                   mode="bilinear", align_corners=False)[0] / 12
+    record = model.infer_cams(image, labels)
+    assert record["high_res"].shape == (2, 37, 53)
+    torch.testing.assert_close(record["high_res"], expected, rtol=1e-5, atol=1e-6)
+    assert model.protocol()["cam"]["high_res_rule"] == "full"
+    # the GLM (baseline CAM) keeps IRN's rule unless told otherwise; the two differ on this size
+    glm = CAM(num_classes=3, backbone="resnet18", pretrained=None, cam_scales=(1.0,)).eval()
+    glm_full = CAM(num_classes=3, backbone="resnet18", pretrained=None, cam_scales=(1.0,), cam_high_res="full")
+    glm_full.load_state_dict(glm.state_dict())
+    glm_full.eval()
+    padded, full = glm.infer_cams(image, labels)["high_res"], glm_full.infer_cams(image, labels)["high_res"]
+    assert glm.protocol()["cam"]["high_res_rule"] == "padded" and glm_full.protocol()["cam"]["high_res_rule"] == "full"
+    assert (padded - full).abs().max() > 1e-3
+
+
+def test_methods_with_their_own_resize_loop_refuse_another_rule():
+    from lit_wsss.modules import SIPE
+
+    with pytest.raises(ValueError, match="own rule"):
+        SIPE(num_classes=3, backbone="resnet18", pretrained=None, cam_high_res="padded")
+    with pytest.raises(ValueError, match="cam_high_res"):
+        CAM(num_classes=3, backbone="resnet18", pretrained=None, cam_high_res="nearest")
+
+
 def tiny_run_args(num_train: int, num_val: int, seed: int, batch_size: int, steps: int) -> str:
     """lit-wsss arguments for a seconds-long run of the GLM or the SLM on a tiny synthetic set."""
     return (f"--data.init_args.num_train={num_train} --data.init_args.num_val={num_val} "
@@ -105,9 +142,10 @@ def test_rounds_driver(tmp_path, monkeypatch, capsys):
     assert first["hyper_parameters"]["glm_weights"].endswith("glm/checkpoints/last.ckpt")
     assert second["hyper_parameters"]["init_weights"].endswith("round0/slm/checkpoints/last.ckpt")
     assert second["global_step"] == 2  # a fresh optimizer and schedule per round, not a resumed one
-    # round 1's CAMs come from the round-0 SLM, round 0's from the GLM
-    assert json.loads((out / "round1" / "cams" / "manifest.json").read_text())["producer"] == "GSLM"
-    assert json.loads((out / "round0" / "cams" / "manifest.json").read_text())["producer"] == "CAM"
+    # round 1's CAMs come from the round-0 SLM, round 0's from the GLM; both sized by GSLM's rule (issue 13)
+    for r, producer in ((1, "GSLM"), (0, "CAM")):
+        manifest = json.loads((out / f"round{r}" / "cams" / "manifest.json").read_text())
+        assert manifest["producer"] == producer and manifest["high_res_rule"] == "full"
     # a rerun resumes: nothing is trained or exported again
     assert main(["--data", "synth", "--root", str(root), "--rounds", "2", "--out", str(out), "--workers", "1",
                  "--glm-args", data, "--slm-args", f"{data} --model.init_args.pool_size=4"]) == 0
@@ -211,3 +249,36 @@ def test_rounds_driver_exports_once_when_lists_coincide(tmp_path, monkeypatch):
     assert json.loads((out / "glm" / "eval_cams.json").read_text())["num_images"] == 6
     assert json.loads((out / "round0" / "eval_cams.json").read_text())["num_images"] == 6
     assert json.loads((out / "round1" / "cams" / "manifest.json").read_text())["producer"] == "GSLM"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_rounds_driver_takes_lightning_overrides_and_fast_dev_run(tmp_path, monkeypatch, capsys):
+    """Issue 13: `make train METHOD=gslm ARGS="--trainer.fast_dev_run=true"` passes the Lightning overrides to
+    every fit (here also --data.* ones, in both spellings); a fast dev run keeps nothing."""
+    monkeypatch.setattr(sys, "argv", ["lit-wsss"])
+    monkeypatch.chdir(tmp_path)
+    root = generate_synthetic_voc(tmp_path / "synthetic", num_train=6, num_val=2, seed=5)
+    data = tiny_run_args(num_train=6, num_val=2, seed=5, batch_size=3, steps=3)
+    assert main(["--data", "synth", "--rounds", "1", "--workers", "1", "--glm-args", data,
+                 "--slm-args", f"{data} --model.init_args.pool_size=4", "--trainer.fast_dev_run=true",
+                 "--data.init_args.root", str(root)]) == 0
+    printed = capsys.readouterr().out
+    assert "fast_dev_run" in printed and "round 0: eval SLM" in printed
+    assert not (tmp_path / "outputs").exists()  # nothing left to resume from
+    with pytest.raises(SystemExit):
+        main(["--data", "synth", "--root", str(root), "--max_epochs=3"])
+    assert "--max_epochs=3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", "synth", "--out", str(tmp_path / "kept"), "--trainer.fast_dev_run", "true"])
+    assert "drop --out" in capsys.readouterr().err
+
+
+def test_split_overrides():
+    from lit_wsss.gslm_rounds import is_fast_dev_run, split_overrides
+
+    trainer, other = split_overrides(["--trainer.max_epochs", "2", "--model.init_args.lr=0.1", "--trainer.fast_dev_run",
+                                      "--data.init_args.root", "r", "--seed_everything=3"])
+    assert trainer == ["--trainer.max_epochs=2", "--trainer.fast_dev_run", "--seed_everything=3"]
+    assert other == ["--model.init_args.lr=0.1", "--data.init_args.root=r"]
+    assert not is_fast_dev_run(trainer)  # a bare flag without a value is left to Lightning to refuse
+    assert is_fast_dev_run(["--trainer.fast_dev_run=5"]) and not is_fast_dev_run(["--trainer.fast_dev_run=False"])

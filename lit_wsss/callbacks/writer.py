@@ -6,7 +6,8 @@ labels (``experiments/stages/pseudo_labels.yaml``).
 
 CAM files (../shared/methods/protocol.md §12): ``<id>.npz`` with ``keys`` int64 (K,) 0-based foreground class
 indices, ``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods
-that predict their own background, ``bg`` float32 (H, W). Pseudo labels: ``<id>.png`` (palette PNG, 0..C, 255)
+that predict their own background, ``bg`` float32 (H, W); the manifest's ``high_res_rule`` says how
+``high_res`` was sized (``padded`` = IRN, ``full`` = straight to the image size). Pseudo labels: ``<id>.png`` (palette PNG, 0..C, 255)
 and ``<id>.npz`` with ``keys`` and ``high_res`` (K, H, W) float16: the walked scores normalised by their global
 max, in the CAM layout, so ``lit-wsss eval-cam`` sweeps the background threshold without walking again. Read every ``.npz`` with
 ``np.load(path, allow_pickle=False)``.
@@ -209,7 +210,8 @@ class CAMWriter(ResumableWriter):
         return {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
 
     def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
-        return {"bg_threshold": run.get("protocol", {}).get("cam", {}).get("bg_threshold")}
+        cam = run.get("protocol", {}).get("cam", {})
+        return {"bg_threshold": cam.get("bg_threshold"), "high_res_rule": cam.get("high_res_rule")}
 
 
 class PseudoLabelWriter(ResumableWriter):

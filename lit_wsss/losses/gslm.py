@@ -413,12 +413,14 @@ def wam_multiscale_cams(
     keys: Tensor,
     scales: Sequence[float] = DEFAULT_CAM_SCALES,
     tau: float = TAU,
+    high_res: str = "full",
 ) -> CAMRecord:
     """Multi-scale + flip CAMs with the WAM mixin (cls.md §2.2, §3): mean of the 8 maps, divided by tau.
 
-    Same loop, sizes and cropping as :func:`lit_wsss.cams.multiscale_cams` (the GLM mixin), which it
-    reuses through :func:`lit_wsss.cams.sum_over_scales`; only the normalisation differs: instead of the
-    per-class max, the sum over ``2 * len(scales)`` maps is divided by ``2 * len(scales) * tau``.
+    Same loop and sizes as :func:`lit_wsss.cams.multiscale_cams` (the GLM mixin), which it reuses through
+    :func:`lit_wsss.cams.multiscale_cam_sums`; only the normalisation differs: instead of the per-class max,
+    the sum over ``2 * len(scales)`` maps is divided by ``2 * len(scales) * tau``. GSLM's ``mixin_multi_cams``
+    interpolates every map straight to the image size (``high_res="full"``), not IRN's padded canvas.
 
     Args:
         cam_fn: maps ``(N, 3, h, w)`` to the BOUNDED CAMs ``relu6(A)`` ``(N, C, h', w')``.
@@ -426,12 +428,13 @@ def wam_multiscale_cams(
         keys: ``(K,)`` 0-based indices of the classes to export.
         scales: rescale factors, each batched with its horizontal flip.
         tau: the bound (6).
+        high_res: ``full`` (GSLM's) or IRN's ``padded`` (:data:`lit_wsss.cams.HIGH_RES_RULES`).
 
     Returns:
         ``keys``, ``cam`` ``(K, ceil(H/4), ceil(W/4))`` and ``high_res`` ``(K, H, W)``, in ``[0, 1]`` when
         ``cam_fn`` is bounded by tau.
     """
-    sums = multiscale_cam_sums(cam_fn, image, keys, scales)
+    sums = multiscale_cam_sums(cam_fn, image, keys, scales, high_res=high_res)
     num_maps = 2 * len(scales)
     return CAMRecord(
         keys=sums["keys"],
@@ -447,8 +450,10 @@ def slm_multiscale_cams(
     head: str = "wam",
     scales: Sequence[float] = DEFAULT_CAM_SCALES,
     tau: float = TAU,
+    high_res: str = "full",
 ) -> CAMRecord:
-    """The CAMs of a trained SLM (cls.md §3) for either head of P1.
+    """The CAMs of a trained SLM (cls.md §3) for either head of P1, sized as GSLM's ``step/make_cam.py``
+    (``high_res="full"``: straight to the image size).
 
     ``wam``: :func:`wam_multiscale_cams` of ``relu6(A)`` (absolute, ÷ tau). ``cam``: the GLM mixin
     (:func:`lit_wsss.cams.multiscale_cams` of ``relu(A)``: sum, ÷ per-class max), as the released script
@@ -459,11 +464,13 @@ def slm_multiscale_cams(
         image, keys, scales: see :func:`wam_multiscale_cams`.
         head: one of :data:`SLM_HEADS`.
         tau: the bound of the ``wam`` head.
+        high_res: :data:`lit_wsss.cams.HIGH_RES_RULES`.
     """
     _check_head(head)
     if head == "wam":
-        return wam_multiscale_cams(lambda x: bounded_cam(cam_logits_fn(x), tau), image, keys, scales, tau)
-    return multiscale_cams(lambda x: F.relu(cam_logits_fn(x)), image, keys, scales)
+        return wam_multiscale_cams(lambda x: bounded_cam(cam_logits_fn(x), tau), image, keys, scales, tau,
+                                   high_res)
+    return multiscale_cams(lambda x: F.relu(cam_logits_fn(x)), image, keys, scales, high_res=high_res)
 
 
 # ----------------------------------------------------------------------------------------------------

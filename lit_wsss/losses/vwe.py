@@ -611,6 +611,7 @@ def multiscale_vwe_cams(
     keys: Tensor,
     scales: Sequence[float] = CAM_SCALES,
     flip_fusion: str = "max",
+    high_res: str = "full",
 ) -> CAMRecord:
     """Multi-scale + flip CAMs of one image as VWE's ``infer_cam.py`` (vwe.md §3).
 
@@ -627,6 +628,7 @@ def multiscale_vwe_cams(
         keys: ``(K,)`` 0-based foreground indices of the image's labels.
         scales: rescale factors.
         flip_fusion: see :func:`fuse_flip_pair`.
+        high_res: ``full`` (VWE's) or IRN's ``padded`` (:data:`lit_wsss.cams.HIGH_RES_RULES`).
 
     Returns:
         ``{"keys", "cam" (K, ceil(H/4), ceil(W/4)), "high_res" (K, H, W)}`` float32.
@@ -637,7 +639,7 @@ def multiscale_vwe_cams(
         raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
     # cam_fn's output goes through fuse_flip_pair's per-pass ReLU semantics: CAMs are ReLU'd already
     return multiscale_cams(lambda x: F.relu(cam_fn(x)), image, keys, scales, flip_fusion=flip_fusion,
-                           high_res="full")
+                           high_res=high_res)
 
 
 def with_background(cams: Tensor, bkgscore: float = BKG_SCORE) -> Tensor:

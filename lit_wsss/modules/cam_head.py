@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_wsss.cams import DEFAULT_BG_THRESHOLD, DEFAULT_CAM_SCALES, CAMRecord, cams_to_mask, multiscale_cams
+from lit_wsss.cams import (
+    DEFAULT_BG_THRESHOLD,
+    DEFAULT_CAM_SCALES,
+    HIGH_RES_RULES,
+    CAMRecord,
+    cams_to_mask,
+    multiscale_cams,
+)
 from lit_wsss.evaluation import ThresholdSweep, sweep_summary
 
 #: protocol.md §5: the sweep logged next to the fixed 0.15.
@@ -31,6 +38,9 @@ class CAMHeadMixin:
         cam_sweep_thresholds: background thresholds also scored in validation (protocol.md §5: a sweep
             0.05..0.60 is logged, IRN-style numbers are reported at 0.15). The best of them is logged as
             ``val/mIoU_oracle``: chosen on the evaluation masks, so optimistic (pitfall P9).
+        cam_high_res: how the full-resolution CAM is sized (:data:`lit_wsss.cams.HIGH_RES_RULES`); ``None`` is
+            the method's own rule (``high_res_rule``). The GSLM driver sets ``full`` for its GLM, whose
+            official export resizes straight to the image size (issue 13).
         **kwargs: passed to :class:`~lit_wsss.modules.base.WSSSModule`.
     """
 
@@ -41,16 +51,33 @@ class CAMHeadMixin:
     #: ``constant`` = a constant plane on max-normalised foreground CAMs (IRN), ``explicit`` = the method
     #: exports its own background map ``bg`` and masks are a plain argmax (SIPE).
     background_convention: str = "constant"
+    #: The method's rule for sizing ``high_res`` in its official CAM export: ``padded`` (IRN ``make_cam.py``:
+    #: resize to the next multiple of 16, then crop) or ``full`` (straight to ``H x W``: VWE, GSLM, SLAMs-R,
+    #: and SIPE / CPN, whose own loops also resize to the image size).
+    high_res_rule: str = "padded"
+    #: False for methods whose ``infer_cams`` has its own loop with a fixed rule (SIPE, CPN).
+    high_res_configurable: bool = True
 
     def __init__(
         self,
         cam_scales: Sequence[float] = DEFAULT_CAM_SCALES,
         cam_bg_threshold: float = DEFAULT_BG_THRESHOLD,
         cam_sweep_thresholds: Sequence[float] = DEFAULT_SWEEP_THRESHOLDS,
+        cam_high_res: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if cam_high_res is not None and cam_high_res not in HIGH_RES_RULES:
+            raise ValueError(f"cam_high_res must be one of {list(HIGH_RES_RULES)} or null, got {cam_high_res!r}")
+        if cam_high_res not in (None, self.high_res_rule) and not self.high_res_configurable:
+            raise ValueError(f"{type(self).__name__} sizes its CAMs by its own rule ({self.high_res_rule!r}); "
+                             f"cam_high_res={cam_high_res!r} is not available for it")
         super().__init__(**kwargs)
         self.val_sweep_summary: dict[str, Any] | None = None
+
+    @property
+    def cam_high_res_rule(self) -> str:
+        """The rule in force: the ``cam_high_res`` argument, else the method's ``high_res_rule``."""
+        return self.hparams.get("cam_high_res") or self.high_res_rule
 
     def configure_metrics(self) -> None:
         super().configure_metrics()  # type: ignore[misc]
@@ -85,7 +112,8 @@ class CAMHeadMixin:
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:
         """Multi-scale + flip CAMs of one image for the classes with ``labels == 1``."""
         keys = torch.nonzero(labels > 0.5).flatten()
-        return multiscale_cams(lambda x: self.cams(self.features(x)), image, keys, self.hparams.cam_scales)
+        return multiscale_cams(lambda x: self.cams(self.features(x)), image, keys, self.hparams.cam_scales,
+                               high_res=self.cam_high_res_rule)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """CAM records (``image_id``, ``keys``, ``cam``, ``high_res``) of the labelled classes, one per image."""
@@ -104,6 +132,7 @@ class CAMHeadMixin:
             "flip": True,
             "normalisation": "per-class max + 1e-5",
             "resolution": "original image size (high_res); ceil(H/4) x ceil(W/4) (strided)",
+            "high_res_rule": self.cam_high_res_rule,
             "background_convention": self.background_convention,
             "bg_threshold": self.hparams.cam_bg_threshold,
             "threshold_chosen": "fixed",

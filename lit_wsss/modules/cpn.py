@@ -66,6 +66,9 @@ class CPN(CAMHeadMixin, WSSSModule):
         **kwargs: other :class:`CAMHeadMixin` / :class:`WSSSModule` arguments.
     """
 
+    high_res_rule = "full"  # infer_cams sums the scales straight at (H, W)
+    high_res_configurable = False
+
     def __init__(
         self,
         low_channels: int = 64,

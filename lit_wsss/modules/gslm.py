@@ -53,6 +53,8 @@ class GSLM(CAMHeadMixin, WSSSModule):
             stem..layer2, wd 1e-4, poly 0.9 per round, IRN's momentum quirk: already the defaults).
     """
 
+    high_res_rule = "full"  # step/make_cam.py + mixin_multi_cams: straight to the image size (issue 13)
+
     def __init__(
         self,
         head: str = "wam",
@@ -91,7 +93,7 @@ class GSLM(CAMHeadMixin, WSSSModule):
         """wam: relu6 CAMs, mean of the 8 maps / tau (absolute); cam: the GLM's normalisation (§2.2, §3, P2)."""
         keys = torch.nonzero(labels > 0.5).flatten()
         return slm_multiscale_cams(lambda x: self.classifier(self.features(x)), image, keys, self.hparams.head,
-                                   self.hparams.cam_scales, self.hparams.tau)
+                                   self.hparams.cam_scales, self.hparams.tau, self.cam_high_res_rule)
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()

@@ -63,6 +63,9 @@ class SIPE(CAMHeadMixin, WSSSModule):
     the IS-CAM; the classifier and layer3/layer4 learn from L_cls and from GSC through Mh; seeds carry none.
     """
 
+    high_res_rule = "full"  # infer_cams sums the scales straight at (H, W)
+    high_res_configurable = False
+
     background_convention = "explicit"
 
     def __init__(self, side_channels: Sequence[int] = (128, 128, 256, 256), **kwargs: Any) -> None:

@@ -117,6 +117,8 @@ class SLAMs(CAMHeadMixin, WSSSModule):
         **kwargs: other :class:`CAMHeadMixin` / :class:`WSSSModule` arguments.
     """
 
+    high_res_rule = "full"  # slams.md §4: "to full size"
+
     def __init__(
         self,
         encoder_checkpoint: str | None = None,
@@ -192,7 +194,7 @@ class SLAMs(CAMHeadMixin, WSSSModule):
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:
         """relu(Z) of the object channels, scales + flips summed, per-class max-normalised (§4, P6)."""
         keys = torch.nonzero(labels > 0.5).flatten()
-        return activation_map(self.segment, image, keys, self.hparams.cam_scales)
+        return activation_map(self.segment, image, keys, self.hparams.cam_scales, self.cam_high_res_rule)
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()

@@ -61,6 +61,8 @@ class VWE(CAMHeadMixin, WSSSModule):
             stem..layer2, wd 1e-4, poly 0.9, IRN's momentum quirk P1: already the defaults).
     """
 
+    high_res_rule = "full"  # infer_cam.py resizes straight to the image size (vwe.md §3)
+
     def __init__(
         self,
         num_words: int = 256,
@@ -111,12 +113,11 @@ class VWE(CAMHeadMixin, WSSSModule):
         """``infer_cam.py`` (§3): relu(W_cls F) per pass, flips merged by ``flip_fusion``, scales summed."""
         keys = torch.nonzero(labels > 0.5).flatten()
         return multiscale_vwe_cams(lambda x: cam_from_features(self.features(x), self.classifier.weight), image,
-                                   keys, self.hparams.cam_scales, self.hparams.flip_fusion)
+                                   keys, self.hparams.cam_scales, self.hparams.flip_fusion, self.cam_high_res_rule)
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()
-        record["cam"].update(flip_fusion=self.hparams.flip_fusion,
-                             resolution="original image size (high_res, no 16-padding); ceil(H/4) x ceil(W/4)")
+        record["cam"].update(flip_fusion=self.hparams.flip_fusion)
         record["vwe"] = {"strategy": self.hparams.strategy, "num_words": self.hparams.num_words,
                          "hspp_gamma": self.hparams.hspp_gamma, "hspp_levels": list(self.hparams.hspp_levels)}
         return record
