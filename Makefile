@@ -52,7 +52,8 @@ eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=v
 
 # the pipeline's default ROOT is the synthetic set; DATA=voc ROOT=... on the command line wins
 pipeline: DATA = synth
-pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo-label mIoU)
+pipeline: LIST = train
+pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo labels ... segmentation mIoU on val)
 	$(BIN)/lit-wsss pipeline --data $(DATA) --method $(METHOD) --root $(ROOT) --list $(LIST) $(ARGS)
 
 benchmark: DATA_ROOT = ../shared/data/voc12-bench

@@ -120,13 +120,21 @@ class ResNetBackbone(Backbone):
     Levels: ``[stem = conv1-bn1-relu-maxpool, layer1, layer2, layer3, layer4]``. ``strides`` =
     ``(conv1, layer2, layer3, layer4)``; maxpool is always 2 and layer1 always 1, as in IRN. A stage with
     stride 1 is simply not downsampled (no dilation), so IRN's default gives strides (4, 4, 8, 16, 16).
+    ``dilated_stages`` = 1 or 2 replaces the stride of layer4 (and layer3) by dilation, torchvision's
+    ``replace_stride_with_dilation`` (DeepLab's output stride 16 / 8; ResNet-50/101 only).
     """
 
-    def __init__(self, name: str, strides: tuple[int, int, int, int]) -> None:
+    def __init__(self, name: str, strides: tuple[int, int, int, int], dilated_stages: int = 0) -> None:
         super().__init__()
         if len(strides) != 4 or any(s not in (1, 2) for s in strides):
             raise ValueError(f"strides must be 4 values in {{1, 2}}, got {strides}")
-        net = getattr(torchvision.models, name)(weights=None)
+        if dilated_stages not in (0, 1, 2):
+            raise ValueError(f"dilated_stages must be 0, 1 or 2, got {dilated_stages}")
+        if dilated_stages and name not in ("resnet50", "resnet101"):
+            raise ValueError(f"{name} has basic blocks, which torchvision cannot dilate; use resnet50/resnet101")
+        dilate = [False, dilated_stages == 2, dilated_stages >= 1]
+        net = getattr(torchvision.models, name)(weights=None, replace_stride_with_dilation=dilate)
+        strides = (*strides[:2], *(1 if d else s for d, s in zip(dilate[1:], strides[2:], strict=True)))
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.conv1.stride = (strides[0], strides[0])
@@ -434,7 +442,7 @@ def _load_weights(model: Backbone, state: Mapping[str, Tensor], drop_prefix: str
 
 def build_backbone(name: str, pretrained: str | None = "imagenet",
                    strides: tuple[int, int, int, int] = (2, 2, 2, 1), frozen_bn_stats: bool = True,
-                   download_weights: bool = False) -> Backbone:
+                   download_weights: bool = False, dilated_stages: int = 0) -> Backbone:
     """Builds a backbone and loads its weights; never falls back to random init silently.
 
     Args:
@@ -450,6 +458,8 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
             and ResNet-38 (output stride 8, dilated) are fixed and only accept the default.
         frozen_bn_stats: Replace every BatchNorm2d by ``FrozenStatsBatchNorm2d`` (IRN's FixedBatchNorm).
         download_weights: For ResNet ``"imagenet"``: download when the file is not cached.
+        dilated_stages: ResNet-50/101: the last 1 or 2 stages dilated instead of strided (DeepLab OS16 / OS8);
+            the other backbones have a fixed output stride and only accept 0.
 
     Returns:
         The backbone; ``weights_source`` records where the weights came from.
@@ -464,8 +474,10 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
     imagenet = pretrained == "imagenet"
     random_init = pretrained is None or str(pretrained).lower() == "none"
     optional_suffixes: tuple[str, ...] = ()
+    if dilated_stages and name not in _RESNET_DEPTHS:
+        raise ValueError(f"{name} has a fixed output stride; dilated_stages={dilated_stages} needs a ResNet")
     if name in _RESNET_DEPTHS:
-        model: Backbone = ResNetBackbone(name, tuple(strides))
+        model: Backbone = ResNetBackbone(name, tuple(strides), dilated_stages)
         drop_prefix: str | tuple[str, ...] = "fc."
     elif name == "resnet38d":
         if tuple(strides) != (2, 2, 2, 1):

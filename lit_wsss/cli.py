@@ -53,6 +53,7 @@ def run_cli(args: ArgsType = None) -> WSSSCLI:
 #: Subcommands that are not Trainer entry points: name -> (module, help).
 TOOLS = {
     "eval-cam": ("lit_wsss.evaluation", "evaluate a CAM folder over a sweep of background thresholds"),
+    "eval-seg": ("lit_wsss.eval_seg", "score a folder of label maps (segmentation predictions) against the masks"),
     "ir-labels": ("lit_wsss.refine.ir_labels", "CAMs -> confident fg/bg seeds with dense CRF (IRN step 4)"),
     "pipeline": ("lit_wsss.pipeline", "train CAM -> CAMs -> eval -> IR labels -> IRNet -> pseudo labels -> eval"),
     "gslm": ("lit_wsss.gslm_rounds", "GSLM: GLM -> seeds -> SLM rounds, each evaluated (make train METHOD=gslm)"),

@@ -45,6 +45,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchmetrics import Metric  # noqa: E402
+from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from lit_wsss.cams import DEFAULT_BG_THRESHOLD  # noqa: E402
@@ -62,6 +63,7 @@ __all__ = [
     "sweep_confusions",
     "argmax_confusion",
     "evaluate_cam_folder",
+    "evaluate_label_folder",
     "write_reports",
     "headline",
     "parse_thresholds",
@@ -416,14 +418,7 @@ def evaluate_cam_folder(
     if fixed_threshold is None:
         fixed_threshold = DEFAULT_BG_THRESHOLD
     fixed_threshold = float(fixed_threshold)
-    if class_names is None:
-        names = _default_class_names(num_classes)
-    else:
-        names = list(class_names)
-        if len(names) == num_classes:
-            names = ["background", *names]
-        if len(names) != num_classes + 1:
-            raise ValueError(f"{len(names)} class names for {num_classes} classes (+ background)")
+    names = _class_names(class_names, num_classes)
 
     # Fail before the long loop: every listed id needs its CAM file and its mask.
     cam_paths = [cams_dir / f"{i}.npz" for i in ids]
@@ -487,6 +482,82 @@ def evaluate_cam_folder(
             result["note"] = (f"mixed folder: {swept} files without 'bg' are in the sweep, {with_bg} files "
                               "with 'bg' only in bg_argmax; neither covers the whole list")
     return result
+
+
+def evaluate_label_folder(
+    pred_dir: str | Path,
+    root: str | Path,
+    ids: Sequence[str],
+    num_classes: int = 20,
+    mask_dir: str | Path | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    progress: bool = True,
+    mean_over: str = "union",
+) -> dict[str, Any]:
+    """Dataset-level mIoU of a folder of label maps (``<id>.png``: 0 background, c + 1 class c; a segmentation
+    network's predictions or any pseudo labels) against the ground truth, one confusion matrix over every pixel.
+
+    Returns a JSON-serialisable dict: ``predictions``, ``ground_truth``, ``num_images``, ``num_classes``,
+    ``class_names``, ``mean_over``, ``manifest`` (the folder's, without its per-image table) and the scores of
+    :func:`_block` (``miou``, both class sets, accuracies, per-class IoU / precision / recall, ``confusion``).
+
+    Raises:
+        FileNotFoundError: a listed id has no prediction or no mask (named).
+        ValueError: a prediction or mask of the wrong size, mode or values (the file is named).
+    """
+    pred_dir, root = Path(pred_dir), Path(root)
+    ids = list(ids)
+    if not ids:
+        raise ValueError("no image ids to evaluate")
+    if mean_over not in MEAN_OVER:
+        raise ValueError(f"mean_over must be one of {list(MEAN_OVER)}, got {mean_over!r}")
+    if not pred_dir.is_dir():
+        raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
+    gt_dir = find_mask_folder(root, mask_dir)
+    names = _class_names(class_names, num_classes)
+    pairs = [(i, pred_dir / f"{i}.png", gt_dir / f"{i}.png") for i in ids]
+    for image_id, prediction, mask in pairs:
+        for path, what in ((prediction, "prediction"), (mask, "ground-truth mask")):
+            if not path.is_file():
+                raise FileNotFoundError(f"no {what} for id {image_id!r}: {path} is missing")
+    n = num_classes + 1
+    total = np.zeros((n, n), np.int64)
+    for image_id, prediction_path, mask_path in tqdm(pairs, desc="eval-seg", unit="img", disable=not progress):
+        with Image.open(mask_path) as png:
+            shape = (png.height, png.width)
+        gt = read_mask(mask_path, shape, num_classes)
+        try:
+            prediction = read_mask(prediction_path, shape, num_classes)
+        except ValueError as error:
+            raise ValueError(f"id {image_id!r}: {error} (ground truth {mask_path})") from None
+        valid = gt != IGNORE_INDEX
+        if (prediction[valid] == IGNORE_INDEX).any():
+            raise ValueError(f"prediction {prediction_path} labels scored pixels 255; a prediction needs a class")
+        total += np.bincount(gt[valid].astype(np.int64) * n + prediction[valid].astype(np.int64),
+                             minlength=n * n).reshape(n, n)
+    manifest = read_manifest(pred_dir, "predictions")
+    return {
+        "predictions": str(pred_dir),
+        "ground_truth": str(gt_dir),
+        "num_images": len(ids),
+        "num_classes": num_classes,
+        "class_names": names,
+        "mean_over": mean_over,
+        "manifest": {key: value for key, value in manifest.items() if key != "images"},
+        **_block(total, mean_over),
+    }
+
+
+def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
+    if class_names is None:
+        return _default_class_names(num_classes)
+    names = list(class_names)
+    if len(names) == num_classes:
+        names = ["background", *names]
+    if len(names) != num_classes + 1:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes (+ background)")
+    return names
 
 
 # --------------------------------------------------------------------------------------------------- reports
@@ -571,6 +642,28 @@ def sweep_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def labels_markdown(result: dict[str, Any]) -> str:
+    """The report of :func:`evaluate_label_folder`: headline line and the per-class table."""
+    mean_over = result["mean_over"]
+    lines = [
+        "# Segmentation evaluation",
+        "",
+        f"- predictions: `{result['predictions']}`",
+        f"- ground truth: `{result['ground_truth']}`",
+        f"- images: {result['num_images']} (dataset-level confusion, ground truth 255 ignored; mIoU = mean over the "
+        f"{MEAN_OVER[mean_over]}, of {result['num_classes'] + 1} classes)",
+        "- " + _block_summary("argmax of the network's scores", result, mean_over),
+        "",
+        "| id | class | IoU (%) | precision (%) | recall (%) |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for index, name in enumerate(result["class_names"]):
+        lines.append(f"| {index} | {name} | {_percent(result['iou'][index])} | "
+                     f"{_percent(result['precision'][index])} | {_percent(result['recall'][index])} |")
+    lines.append(f"| | **mIoU** | **{_percent(result['miou'])}** | | |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_sweep(result: dict[str, Any], path: Path) -> None:
     """mIoU vs threshold with the fixed and oracle thresholds marked (Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -613,9 +706,10 @@ def write_reports(result: dict[str, Any], out_json: str | Path) -> dict[str, Pat
     text = json.dumps(result, indent=1, allow_nan=False)
     _replace_atomically(out_json, lambda p: p.write_text(text + "\n"))
     markdown = out_json.with_suffix(".md")
-    _replace_atomically(markdown, lambda p: p.write_text(sweep_markdown(result)))
+    report = labels_markdown if "thresholds" not in result else sweep_markdown
+    _replace_atomically(markdown, lambda p: p.write_text(report(result)))
     curve = None
-    if result["thresholds"]:
+    if result.get("thresholds"):
         curve = out_json.with_suffix(".png")
         _replace_atomically(curve, lambda p: plot_sweep(result, p))
     return {"json": out_json, "markdown": markdown, "curve": curve}

@@ -1,7 +1,14 @@
 """``lit-wsss pipeline``: the IRN chain as one command (../shared/methods/protocol.md, pipeline steps 1-7).
 
 [train encoder ->] train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels
-(``--cams-only`` stops after eval CAMs).
+-> train segmentation -> segment -> eval segmentation (``--cams-only`` stops after eval CAMs,
+``--no-segmentation`` after eval pseudo labels).
+
+``--list`` is the TRAINING list: its CAMs, IR labels and pseudo labels are scored against its masks (the WSSS
+measure of pseudo-label quality), and the segmentation network (``experiments/<data>/deeplab.yaml``) trains on
+its pseudo labels. The final mIoU is the network's on ``--seg-eval-list`` (default: the data set's held-out
+split, synth ``val``, voc ``val``), whose images no earlier stage sees. ``--method ground_truth`` skips the WSSS
+stages and trains the same network on the ground-truth masks of ``--list``: the upper bound of the recipe.
 
 GSLM (``--method gslm``) trains in rounds: its first two stages are one, ``GSLM rounds`` (``lit-wsss gslm``
 under ``<out>/gslm``: seeds and SLM training on ``--train-list`` (default: the data set's), ``--list`` scored
@@ -61,6 +68,23 @@ def _predict(args: list[str], out_dir: Path) -> None:
              f"--trainer.default_root_dir={out_dir}"])
 
 
+#: The held-out split the segmentation network is scored on, by data set (``--seg-eval-list``).
+SEG_EVAL_LISTS = {"synth": "val", "voc": "val", "coco": "val2014"}
+#: ``--method`` that trains the segmentation network on ground-truth masks (no CAM stages).
+GROUND_TRUTH = "ground_truth"
+
+
+def training_mask_folder(root: Path) -> Path:
+    """Ground-truth masks for training on the masks themselves: SegmentationClassAug when present (VOC's
+    train_aug), else SegmentationClass."""
+    from lit_wsss.datamodules.base import GT_FOLDERS
+
+    for name in reversed(GT_FOLDERS):
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"no {' or '.join(GT_FOLDERS)} folder under {root}")
+
+
 def _tool(module: str, argv: list[str]) -> None:
     import importlib
 
@@ -101,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-list", default=None,
                         help="GSLM: ids whose seeds train the SLM (default: the data set's, voc train_aug)")
     parser.add_argument("--cams-only", action="store_true", help="stop after eval CAMs (no IR labels, IRNet)")
+    parser.add_argument("--no-segmentation", action="store_true", help="stop after eval pseudo labels")
+    parser.add_argument("--seg-eval-list", default=None,
+                        help="held-out ids the segmentation network is scored on (default: synth/voc val)")
+    parser.add_argument("--seg-config", action="append", default=[], help="extra config for the segmentation stages")
+    parser.add_argument("--seg-args", default="", help="extra lit-wsss arguments for segmentation training/prediction")
     args = parser.parse_args(argv)
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +177,39 @@ def main(argv: list[str] | None = None) -> int:
         count = args.num_classes or read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]
         return ["--num-classes", str(count)]
 
+    seg_eval_list = args.seg_eval_list or SEG_EVAL_LISTS.get(args.data, "val")
+    seg_args = (_configs(args.data, "deeplab", args.seg_config) + data_args
+                + [f"--data.init_args.train_list={args.list}", f"--data.init_args.val_list={seg_eval_list}"]
+                + shlex.split(args.seg_args))
+    segmentation = out / "segmentation"
+
+    def segmentation_stages(training_labels: Path) -> None:
+        """Train the segmentation network on ``training_labels`` of ``--list``, predict and score the held-out list."""
+        if seg_eval_list == args.list:
+            raise ValueError(f"--seg-eval-list equals --list ({args.list}): the final score needs held-out images")
+        labelled = [*seg_args, f"--data.init_args.seed_dir={training_labels}"]
+        # no validation while training: the held-out masks are used once, for the final score
+        held_out = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
+        stage("train segmentation", lambda: checkpoints.update(seg=_fit(labelled + held_out, out / "deeplab")),
+              lambda: {"checkpoint": str(checkpoints["seg"]), "training labels": str(training_labels)})
+        stage("segment", lambda: _predict([
+            *labelled, "--config", str(EXPERIMENTS / "stages" / "segment.yaml"),
+            f"--data.init_args.predict_list={seg_eval_list}", f"--ckpt_path={checkpoints['seg']}"], segmentation),
+              lambda: {"files": len(list(segmentation.glob("*.png")))})
+        count = args.num_classes or read_manifest(segmentation, "predictions", required=True)["hparams"]["num_classes"]
+        stage("eval segmentation", lambda: _tool("lit_wsss.eval_seg", [
+            "--pred", str(segmentation), "--root", args.root, "--list", seg_eval_list, "--num-classes", str(count),
+            "--no-progress", "--out", str(out / "eval_segmentation.json")]),
+              lambda: seg_miou(out / "eval_segmentation.json"))
+
+    def seg_miou(path: Path) -> dict[str, Any]:
+        result = json.loads(path.read_text())
+        return {"mIoU": f"{100 * result['miou']:.2f} (held-out {seg_eval_list}, {result['num_images']} images)"}
+
+    if args.method == GROUND_TRUTH:  # the upper bound: the same network on the masks of --list
+        segmentation_stages(training_mask_folder(Path(args.root)))
+        return 0
+
     if encoder_config.is_file():
         stage("train encoder", lambda: checkpoints.update(encoder=_fit(encoder_args, out / "encoder")),
               lambda: {"checkpoint": str(checkpoints["encoder"])})
@@ -187,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("eval pseudo labels", lambda: _tool("lit_wsss.evaluation", ["--cams", str(pseudo), *evaluate, *num_classes(),
                                                                        "--out", str(out / "eval_pseudo_labels.json")]),
           lambda: miou(out / "eval_pseudo_labels.json"))
+    if not args.no_segmentation:
+        segmentation_stages(pseudo)
     return 0
 
 

@@ -14,7 +14,7 @@ DATA_SETS = sorted(p.name for p in EXPERIMENTS.iterdir() if (p / "_base.yaml").i
 METHOD_FILES = [(d, f.name) for d in DATA_SETS for f in sorted((EXPERIMENTS / d).glob("[!_]*.yaml"))]
 TRAINER_FILES = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
 #: prediction stages and the method file they are layered on
-STAGE_FILES = {"predict_cams.yaml": "cam.yaml", "pseudo_labels.yaml": "irn.yaml"}
+STAGE_FILES = {"predict_cams.yaml": "cam.yaml", "pseudo_labels.yaml": "irn.yaml", "segment.yaml": "deeplab.yaml"}
 
 
 # Overlays (data-set variants) and the files they are layered on; every other file is a method.

@@ -1,5 +1,5 @@
 """`lit-wsss pipeline` end to end on a tiny synthetic set: every stage runs, reads its predecessor's manifest,
-and reports CAM and pseudo-label mIoU."""
+and reports CAM, pseudo-label and (held-out) segmentation mIoU."""
 
 import json
 import sys
@@ -8,6 +8,11 @@ import pytest
 
 from lit_wsss.datamodules.synthetic import generate_synthetic_voc
 from lit_wsss.pipeline import main
+
+TINY_DATA = "--data.init_args.num_train=8 --data.init_args.num_val=4 --data.init_args.generator_seed=7"
+TINY_SEGMENTATION = ("--model.init_args.backbone=resnet18 --model.init_args.pretrained=null "
+                     "--model.init_args.output_stride=16 --model.init_args.inference_scales=[1.0] "
+                     "--data.init_args.crop_size=64 --trainer.max_steps=2")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -20,10 +25,9 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     data = f"--data.init_args.root={root} --data.init_args.num_workers=0 --data.init_args.batch_size=4"
     common = "--model.init_args.backbone=resnet18 --model.init_args.pretrained=null --trainer.max_steps=2"
     code = main([
-        "--data", "synth", "--method", method, "--root", str(root), "--list", "val",
+        "--data", "synth", "--method", method, "--root", str(root), "--list", "train",
         "--out", str(tmp_path / "run"), "--workers", "1",
-        "--cam-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
-                      f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
+        "--cam-args", f"{data} {TINY_DATA} --data.init_args.crop_size=64 {common} "
                       "--model.init_args.cam_scales=[1.0] --trainer.limit_val_batches=1"
                       + (" --model.init_args.encoder_backbone=resnet18 --model.init_args.se_size=32"
                          if method == "slams" else ""),
@@ -34,21 +38,28 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
                           "--model.init_args.se_size=32 --trainer.limit_val_batches=1",
         # GSLM: one SLM round after the GLM, its pooling head sized for the 4 x 4 maps of 64-px crops
         "--gslm-rounds", "1", "--slm-args", "--model.init_args.pool_size=4 ",
+        "--seg-args", f"{data} {TINY_DATA} {TINY_SEGMENTATION}",
     ])
     assert code == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline |")]
     stages = [line.split("|")[1].split(":")[1].strip() for line in printed]
     cam_stages = ["GSLM rounds"] if method == "gslm" else ["train CAM", "CAMs"]
     assert stages == ["train encoder"] * (method == "slams") + cam_stages + [
-        "eval CAMs", "IR labels", "train IRNet", "pseudo labels", "eval pseudo labels"]
+        "eval CAMs", "IR labels", "train IRNet", "pseudo labels", "eval pseudo labels",
+        "train segmentation", "segment", "eval segmentation"]
     summary = json.loads((tmp_path / "run" / "pipeline.json").read_text())
-    assert "mIoU" in summary[-5] and "mIoU" in summary[-1]
+    assert "mIoU" in summary[-8] and "mIoU" in summary[-4] and "held-out val" in summary[-1]["mIoU"]
     assert json.loads((tmp_path / "run" / "eval_cams.json").read_text())["num_classes"] == 4  # from the manifest
     run = tmp_path / "run"
-    assert len(list((run / "pseudo_labels").glob("*.png"))) == 4
+    assert len(list((run / "pseudo_labels").glob("*.png"))) == 8
     ir_manifest = json.loads((run / "ir_labels" / "manifest.json").read_text())
     pseudo_manifest = json.loads((run / "pseudo_labels" / "manifest.json").read_text())
-    assert ir_manifest["count"] == 4 and pseudo_manifest["count"] == 4 and pseudo_manifest["bg_threshold"] == 0.25
+    assert ir_manifest["count"] == 8 and pseudo_manifest["count"] == 8 and pseudo_manifest["bg_threshold"] == 0.25
+    # the segmentation network trained on the pseudo labels of train and was scored on the 4 held-out val images
+    seg_manifest = json.loads((run / "segmentation" / "manifest.json").read_text())
+    assert seg_manifest["count"] == 4 and seg_manifest["producer"] == "DeepLab"
+    assert seg_manifest["protocol"]["data"]["seed_dir"] == str(run / "pseudo_labels")
+    assert json.loads((run / "eval_segmentation.json").read_text())["num_images"] == 4
     assert pseudo_manifest["protocol"]["data"]["cams_producer"]["stage"] == "cams"
     if method == "gslm":  # the IRN stages start from the last SLM round's CAMs
         assert pseudo_manifest["protocol"]["data"]["cams_producer"]["producer"] == "GSLM"
@@ -59,3 +70,21 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     assert ir_manifest["convention"] == ("explicit" if explicit else "constant")
     pseudo = json.loads((run / "eval_pseudo_labels.json").read_text())
     assert pseudo["mode"] == ("bg_argmax" if explicit else "sweep")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_ground_truth_upper_bound_trains_on_the_masks(tmp_path, monkeypatch):
+    """`--method ground_truth`: no WSSS stage, the segmentation network on the masks of --list, scored on val."""
+    monkeypatch.setattr(sys, "argv", ["lit-wsss"])
+    root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
+    data = f"--data.init_args.root={root} --data.init_args.num_workers=0 --data.init_args.batch_size=4"
+    run = tmp_path / "run"
+    assert main(["--data", "synth", "--method", "ground_truth", "--root", str(root), "--list", "train",
+                 "--out", str(run), "--seg-args", f"{data} {TINY_DATA} {TINY_SEGMENTATION}"]) == 0
+    assert [s["stage"] for s in json.loads((run / "pipeline.json").read_text())] == [
+        "train segmentation", "segment", "eval segmentation"]
+    manifest = json.loads((run / "segmentation" / "manifest.json").read_text())
+    assert manifest["protocol"]["data"]["seed_dir"] == str(root / "SegmentationClass")
+    with pytest.raises(ValueError, match="held-out"):
+        main(["--data", "synth", "--method", "ground_truth", "--root", str(root), "--list", "val",
+              "--out", str(tmp_path / "leak"), "--seg-args", data])

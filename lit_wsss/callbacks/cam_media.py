@@ -1,7 +1,7 @@
 """``CAMMedia``: the validation figures, as PNG files and in W&B (rank 0 only).
 
 Per validation epoch (not the sanity check):
-* a CAM panel for a fixed handful of validation images (the first ``num_images`` of the split): image, CAM
+* a CAM panel (a segmentation network: its class probabilities) for a fixed handful of validation images (the first ``num_images`` of the split): image, CAM
   heat map per labelled class, predicted vs ground-truth masks with class names; in W&B also as an
   interactive image with prediction / ground-truth mask layers;
 * the per-class IoU table at the fixed threshold and at the oracle threshold of the sweep;
@@ -22,7 +22,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 
-from lit_wsss.cams import cams_to_mask
 from lit_wsss.datamodules.base import read_rgb
 from lit_wsss.evaluation import plot_sweep, sweep_markdown
 from lit_wsss.io import write_bytes_atomic
@@ -44,8 +43,8 @@ class CAMMedia(Callback):
         self.out_dir = out_dir
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not hasattr(pl_module, "infer_cams"):
-            return  # (a module without CAMs, e.g. SLAMs' stage-A encoder, has no figures)
+        if trainer.sanity_checking or not trainer.is_global_zero or not hasattr(pl_module, "media_record"):
+            return  # (a module without maps, e.g. SLAMs' stage-A encoder, has no figures)
         if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
         # None for a method with its own background (SIPE): panels only, no sweep table or curve
@@ -74,14 +73,12 @@ class CAMMedia(Callback):
         panels, wandb_images = [], []
         for index in range(min(self.num_images, len(dataset))):
             sample = dataset[index]
-            record = pl_module.infer_cams(sample["image"].to(pl_module.device), sample["labels"].to(pl_module.device))
-            prediction = cams_to_mask(record["high_res"], record["keys"], pl_module.hparams.cam_bg_threshold,
-                                      record.get("bg"))
+            record = pl_module.media_record(sample["image"].to(pl_module.device), sample["labels"].to(pl_module.device))
             image = read_rgb(dataset.image_paths[index])
             arrays = {
                 "high_res": record["high_res"].cpu().numpy(),
                 "keys": record["keys"].cpu().numpy(),
-                "prediction": prediction.cpu().numpy().astype(np.uint8),
+                "prediction": record["prediction"].cpu().numpy().astype(np.uint8),
                 "ground_truth": sample["mask"].numpy().astype(np.uint8),
             }
             panels.append(cam_panel(image, class_names=class_names, title=sample["image_id"], **arrays))

@@ -2,7 +2,8 @@
 
 ``ResumableWriter`` holds everything but the file format; ``CAMWriter`` writes CAMs
 (``lit-wsss predict --config experiments/stages/predict_cams.yaml``), ``PseudoLabelWriter`` the IRN pseudo
-labels (``experiments/stages/pseudo_labels.yaml``).
+labels (``experiments/stages/pseudo_labels.yaml``), ``SegmentationWriter`` the segmentation network's label
+maps (``experiments/stages/segment.yaml``).
 
 CAM files (../shared/methods/protocol.md §12): ``<id>.npz`` with ``keys`` int64 (K,) 0-based foreground class
 indices, ``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods
@@ -236,6 +237,26 @@ class PseudoLabelWriter(ResumableWriter):
 
     def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
         return {"bg_threshold": run.get("protocol", {}).get("irn", {}).get("sem_seg_bg_threshold")}
+
+
+class SegmentationWriter(ResumableWriter):
+    """``<id>.png`` palette label maps (0 background, c + 1 class c) from ``DeepLab.predict_step``; score them
+    with ``lit-wsss eval-seg``. The manifest carries the producer's protocol (weights, training labels, CRF)."""
+
+    suffix = ".png"
+    stage = "segmentation"
+
+    def write_record(self, record: dict[str, Any]) -> None:
+        write_bytes_atomic(self.out_dir / f"{record['image_id']}.png", palette_png_bytes(_to_numpy(record["labels"])))
+
+    def image_info(self, image_id: str) -> dict[str, Any]:
+        from PIL import Image
+
+        with Image.open(self.out_dir / f"{image_id}.png") as png:
+            return {"size": [png.height, png.width]}
+
+    def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
+        return {"crf": run.get("protocol", {}).get("segmentation", {}).get("crf")}
 
 
 def _to_numpy(value: Any) -> np.ndarray:

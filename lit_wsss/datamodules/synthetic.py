@@ -548,6 +548,8 @@ class SyntheticVOCDataModule(VOCDataModule):
         num_classes, num_train, num_val, image_size, context_class, context_prob, generator_seed:
             generator parameters (see :func:`generate_synthetic_voc`).
         predict_list: split exported by ``lit-wsss predict`` (default ``val``).
+        train_list, val_list: the training and validation lists (``train``, ``val``; a path or a name under
+            the root, e.g. the segmentation stage's training part).
         crop_size, resize_long, train_transform, seed_dir, batch_size, val_batch_size, num_workers:
             see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
     """
@@ -563,6 +565,8 @@ class SyntheticVOCDataModule(VOCDataModule):
         context_prob: float = 0.9,
         generator_seed: int = 0,
         predict_list: str | None = None,
+        train_list: str = "train",
+        val_list: str = "val",
         crop_size: int = 128,
         resize_long: tuple[int, int] = (96, 160),
         train_transform: str = "irn_cls",
@@ -572,7 +576,7 @@ class SyntheticVOCDataModule(VOCDataModule):
         num_workers: int = 2,
     ) -> None:
         super().__init__(
-            root=root, train_list="train", val_list="val", predict_list=predict_list, mask_dir="SegmentationClass",
+            root=root, train_list=train_list, val_list=val_list, predict_list=predict_list, mask_dir="SegmentationClass",
             crop_size=crop_size,
             resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir, batch_size=batch_size,
             val_batch_size=val_batch_size, num_workers=num_workers,

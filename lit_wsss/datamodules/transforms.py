@@ -59,6 +59,14 @@ def irn_affinity(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)
     return A.Compose([scale, *_normalise_flip_crop(crop_size)])
 
 
+def deeplab(crop_size: int = 321, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
+    """Segmentation-network training augmentation (kazuto1011/deeplab-pytorch ``configs/voc12.yaml``): isotropic
+    scale s ~ U(0.5, 1.5) (image bicubic, labels nearest), normalise (padding = mean colour), horizontal flip,
+    random ``crop_size`` crop with label fill 255. The same pipeline as :func:`irn_affinity`; kazuto1011 draws
+    s from {0.5, 0.75, 1, 1.25, 1.5} and uses bilinear image resizing. ``resize_long`` is unused."""
+    return irn_affinity(crop_size, resize_long)
+
+
 def inference(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -> A.Compose:
     """Full image at its original size, normalised (multi-scale happens in the model, protocol.md §4)."""
     del crop_size, resize_long  # same signature as the training pipelines
@@ -158,6 +166,7 @@ TRAIN_TRANSFORMS: dict[str, Callable[..., Any]] = {
     "irn_cls": irn_classification,
     "irn_cls_valid": irn_classification_valid,
     "irn_affinity": irn_affinity,
+    "deeplab": deeplab,
     "cpn_superpixel": cpn_superpixel,
     "cpn_grid": cpn_grid,
 }

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lit_wsss.backbones import build_backbone
+from lit_wsss.backbones import Backbone, build_backbone
 from lit_wsss.checkpoints import load_initial_state_dict
 from lit_wsss.metrics import MeanIoU
 
@@ -86,18 +86,18 @@ class WSSSModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = build_backbone(
-            backbone,
-            pretrained=pretrained,
-            strides=tuple(backbone_strides),
-            frozen_bn_stats=frozen_bn_stats,
-            download_weights=download_weights,
-        )
+        self.backbone = self.make_backbone()
         self.backbone.freeze_levels(frozen_levels)
         self.configure_heads()
         self.configure_metrics()
         if init_weights is not None:
             self.load_state_dict(load_initial_state_dict(init_weights, self))
+
+    def make_backbone(self) -> Backbone:
+        """The backbone from the hyperparameters (a method with another layout, e.g. a dilated one, overrides)."""
+        hp = self.hparams
+        return build_backbone(hp.backbone, pretrained=hp.pretrained, strides=tuple(hp.backbone_strides),
+                              frozen_bn_stats=hp.frozen_bn_stats, download_weights=hp.download_weights)
 
     def configure_heads(self) -> None:
         """Build the method's layers (everything outside ``self.backbone`` gets ``head_lr_mult``)."""
@@ -123,6 +123,12 @@ class WSSSModule(pl.LightningModule):
         for module in self.modules():
             if isinstance(module, Metric):
                 module.reset()
+
+    def class_names(self) -> list[str]:
+        """Foreground class names from the DataModule (``class_<i>`` without one)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(datamodule, "class_names", None)
+        return list(names) if names else [f"class_{i}" for i in range(self.hparams.num_classes)]
 
     # --- optimisation -------------------------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

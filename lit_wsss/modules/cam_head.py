@@ -115,6 +115,12 @@ class CAMHeadMixin:
         return multiscale_cams(lambda x: self.cams(self.features(x)), image, keys, self.hparams.cam_scales,
                                high_res=self.cam_high_res_rule)
 
+    def media_record(self, image: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """For the validation panels (``CAMMedia``): the CAMs of the labelled classes and the decoded mask."""
+        record = self.infer_cams(image, labels)
+        prediction = cams_to_mask(record["high_res"], record["keys"], self.hparams.cam_bg_threshold, record.get("bg"))
+        return {"high_res": record["high_res"], "keys": record["keys"], "prediction": prediction}
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """CAM records (``image_id``, ``keys``, ``cam``, ``high_res``) of the labelled classes, one per image."""
         records = []
@@ -181,9 +187,3 @@ class CAMHeadMixin:
         if summary["best"]["miou"] is not None:
             self.log("val/mIoU_oracle", float(summary["best"]["miou"]), sync_dist=True)
             self.log("val/threshold_oracle", float(summary["best"]["threshold"]), sync_dist=True)
-
-    def class_names(self) -> list[str]:
-        """Foreground class names from the DataModule (``class_<i>`` without one)."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(datamodule, "class_names", None)
-        return list(names) if names else [f"class_{i}" for i in range(self.hparams.num_classes)]

@@ -1,0 +1,56 @@
+"""``lit-wsss eval-seg``: dataset-level mIoU of a folder of label maps (segmentation predictions, pseudo labels).
+
+``lit-wsss eval-seg --pred DIR --root ROOT --list val --out R.json`` writes ``R.json`` and ``R.md`` (per-class
+IoU, precision, recall, pixel and mean class accuracy); the scores come from
+:func:`lit_wsss.evaluation.evaluate_label_folder` (one confusion matrix over every pixel, 255 ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lit_wsss.evaluation import MEAN_OVER, _percent, _read_class_names, evaluate_label_folder, write_reports
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lit-wsss eval-seg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pred", required=True, help="folder of <id>.png label maps (0 background, c+1 class c)")
+    parser.add_argument("--root", required=True, help="VOC-layout root with SegmentationClass[Aug]/")
+    parser.add_argument("--list", required=True, help="split list: a path, or a name under the root")
+    parser.add_argument("--out", required=True, help="result JSON; the .md report is written beside it")
+    parser.add_argument("--num-classes", type=int, default=20, help="foreground classes (default 20)")
+    parser.add_argument("--class-names", help="file with one class name per line (C, or C+1 with background)")
+    parser.add_argument("--mask-dir", help="ground-truth folder (default <root>/SegmentationClass, else ...Aug)")
+    parser.add_argument("--mean-over", choices=list(MEAN_OVER), default="union",
+                        help="classes the mIoU averages over (default union; both are in the JSON)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Returns 0 on success, 1 when a file is missing or malformed (the message names it)."""
+    from lit_wsss.datamodules.base import read_id_list, resolve_list
+
+    args = build_parser().parse_args(argv)
+    try:
+        root = Path(args.root)
+        ids = read_id_list(resolve_list(root, args.list))
+        names = _read_class_names(args.class_names) if args.class_names else None
+        result = evaluate_label_folder(args.pred, root, ids, args.num_classes, args.mask_dir, class_names=names,
+                                       progress=not args.no_progress, mean_over=args.mean_over)
+        paths = write_reports(result, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"eval-seg: error: {error}", file=sys.stderr)
+        return 1
+    print(f"mIoU {_percent(result['miou'])} % on {result['num_images']} images (over the {MEAN_OVER[args.mean_over]}); "
+          f"pixel accuracy {_percent(result['pixel_accuracy'])} %, mean class accuracy "
+          f"{_percent(result['mean_class_accuracy'])} %")
+    print("reports: " + ", ".join(str(p) for p in paths.values() if p is not None))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
