@@ -97,6 +97,55 @@ def _tool_main(main: Any, argv: list[str]) -> None:
         raise RuntimeError(f"{main.__module__} {' '.join(argv)} failed with exit code {code}")
 
 
+def final_cam_model(args: argparse.Namespace, out: Path, cam_args: list[str], rounds: int) -> tuple[list[str], Path]:
+    """Arguments and checkpoint of the network whose CAMs the IRN stages refine (GSLM: its last SLM round)."""
+    if args.method != "gslm":
+        return cam_args, out / "cam" / "checkpoints" / "last.ckpt"
+    from lit_wsss.losses.gslm import round_thresholds
+
+    slm = (_configs(args.data, "gslm", args.cam_config) + [f"--data.init_args.root={args.root}"]
+           + shlex.split(f"{args.cam_args} {args.slm_args}")
+           + [f"--model.init_args.cam_bg_threshold={round_thresholds(rounds - 1).eval_bg}"])
+    return slm, out / "gslm" / f"round{rounds - 1}" / "slm" / "checkpoints" / "last.ckpt"
+
+
+def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: Any,
+                       model: tuple[list[str], Path], num_classes: Any) -> None:
+    """The held-out threshold mode: CAMs of ``--threshold-list`` (labelled, never trained on), the background
+    threshold that scores best on THEIR masks, and the mIoU of ``--list`` at that threshold (read from the
+    sweep of ``eval_cams.json``, which holds every threshold of the same sweep). Written to
+    ``eval_cams_held_out.json``; a method with its own background (SIPE) has no threshold to choose."""
+    from lit_wsss.evaluation import _match
+
+    result_path = out / "eval_cams_held_out.json"
+    train_result = json.loads((out / "eval_cams.json").read_text())
+    if train_result["mode"] == "bg_argmax":
+        write_json_atomic(result_path, {"mode": "bg_argmax", "miou": None,
+                                        "note": "own background: no threshold to choose"})
+        return
+    folder = out / "threshold_cams"
+    model_args, checkpoint = model
+    stage("CAMs (threshold list)", lambda: _predict([
+        *model_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
+        f"--data.init_args.predict_list={args.threshold_list}", f"--ckpt_path={checkpoint}"], folder),
+          lambda: {"files": len(list(folder.glob("*.npz")))})
+    chosen_path = out / "eval_cams_threshold_list.json"
+    thresholds = ["--thresholds", args.thresholds] if args.thresholds else []
+    stage("eval CAMs (threshold list)", lambda: _tool("lit_wsss.evaluation", [
+        "--cams", str(folder), "--root", args.root, "--list", args.threshold_list, "--no-progress", *thresholds,
+        *num_classes(), "--out", str(chosen_path)]),
+          lambda: {"chosen threshold": json.loads(chosen_path.read_text())["best"]["threshold"]})
+    chosen = json.loads(chosen_path.read_text())["best"]["threshold"]
+    index = _match(chosen, train_result["thresholds"])
+    if index is None:
+        raise ValueError(f"threshold {chosen} chosen on {args.threshold_list} is not in the sweep of {out / 'eval_cams.json'}")
+    record = {"mode": "held-out", "threshold": chosen, "chosen_on": args.threshold_list, "applied_to": args.list,
+              "miou": train_result["miou"][index], "iou": train_result["iou"][index]}
+    write_json_atomic(result_path, record)
+    print(f"pipeline | held-out threshold {chosen:g} (chosen on {args.threshold_list}): "
+          f"CAM mIoU {100 * record['miou']:.2f} on {args.list}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lit-wsss pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="GSLM: ids whose seeds train the SLM (default: the data set's, voc train_aug)")
     parser.add_argument("--cams-only", action="store_true", help="stop after eval CAMs (no IR labels, IRNet)")
     parser.add_argument("--no-segmentation", action="store_true", help="stop after eval pseudo labels")
+    parser.add_argument("--threshold-list", default=None,
+                        help="labelled held-out ids: the CAM background threshold is chosen on their masks and "
+                             "applied to --list (the 'held-out' threshold mode, beside fixed and oracle)"),
     parser.add_argument("--seg-eval-list", default=None,
                         help="held-out ids the segmentation network is scored on (default: synth/voc val)")
     parser.add_argument("--seg-config", action="append", default=[], help="extra config for the segmentation stages")
@@ -232,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate, *num_classes(),
                                                               "--out", str(out / "eval_cams.json")]),
           lambda: miou(out / "eval_cams.json"))
+    if args.threshold_list:
+        held_out_threshold(out, cams, args, stage, final_cam_model(args, out, cam_args, rounds), num_classes)
     if args.cams_only:
         return 0
     stage("IR labels", lambda: _tool("lit_wsss.refine.ir_labels", [
