@@ -63,7 +63,8 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     assert pseudo_manifest["protocol"]["data"]["cams_producer"]["stage"] == "cams"
     if method == "gslm":  # the IRN stages start from the last SLM round's CAMs
         assert pseudo_manifest["protocol"]["data"]["cams_producer"]["producer"] == "GSLM"
-        assert pseudo_manifest["protocol"]["data"]["cam_dir"].endswith("gslm/round0/eval_cams")
+        # --list is GSLM's training list here: the CAMs scored after round 0 are exported once, as round 1's
+        assert pseudo_manifest["protocol"]["data"]["cam_dir"].endswith("gslm/round1/cams")
     assert pseudo_manifest["protocol"]["data"]["ir_labels_producer"]["stage"] == "ir-labels"
     # the background convention travels from the CAM manifest: SIPE's own bg through IR labels and the walk
     explicit = method == "sipe"
