@@ -53,7 +53,7 @@ eval-cam: install  ## make eval-cam CAMS=outputs/cams ROOT=data/synthetic LIST=v
 # the pipeline's default ROOT is the synthetic set; DATA=voc ROOT=... on the command line wins
 pipeline: DATA = synth
 pipeline: LIST = train
-pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams [DATA=synth ROOT=data/synthetic LIST=val] (train CAM ... pseudo labels ... segmentation mIoU on val)
+pipeline: install  ## make pipeline METHOD=cam|sipe|cpn|vwe|gslm|slams|ground_truth [DATA=synth ROOT=data/synthetic LIST=train] (train CAM ... pseudo labels ... segmentation mIoU on val)
 	$(BIN)/lit-wsss pipeline --data $(DATA) --method $(METHOD) --root $(ROOT) --list $(LIST) $(ARGS)
 
 benchmark: DATA_ROOT = ../shared/data/voc12-bench
@@ -62,10 +62,11 @@ benchmark: BUDGET = benchmarks/budgets/cpu.yaml
 benchmark: install  ## make benchmark [DATA_ROOT=voc-style root RESULTS=docs/results.md BUDGET=...]: every method, one table (resumes)
 	$(BIN)/lit-wsss benchmark --root $(DATA_ROOT) --results $(RESULTS) --budget $(BUDGET) $(ARGS)
 
-pipeline-mini: install  ## the whole chain on ../shared/data/voc12-mini (real VOC images, CPU)
+pipeline-mini: install  ## the chain up to the pseudo labels on ../shared/data/voc12-mini (real VOC images, CPU)
 	$(BIN)/lit-wsss pipeline --data voc --method cam --root ../shared/data/voc12-mini \
 	  --list ../shared/data/voc12-mini/val.txt --out outputs/pipeline/voc12-mini \
-	  --cam-config experiments/voc/mini.yaml --cam-config experiments/voc/mini_cpu.yaml --irn-config experiments/voc/mini_irn.yaml $(ARGS)
+	  --cam-config experiments/voc/mini.yaml --cam-config experiments/voc/mini_cpu.yaml --irn-config experiments/voc/mini_irn.yaml \
+	  --no-segmentation $(ARGS)
 
 validate: install  ## make validate METHOD=cam DATA=voc ARGS="--ckpt_path ... --data.init_args.root ..."
 	$(BIN)/lit-wsss validate $(CFG) $(ARGS)

@@ -259,6 +259,9 @@ def write_results(out: Path, methods: list[str], results: Path, header: list[str
                         f"{minutes:.1f} | {peak:.1f} |")
             continue
         cams = [r["cam"] for r in runs if r["cam"]]
+        if not cams:  # a benchmark that stops part-way (or --methods in several sessions): say so, go on
+            rows.append(f"| {method} | - (not run yet) |" + " |" * 5 + f" {minutes:.1f} | {peak:.1f} |")
+            continue
         first = cams[0]
         own = _mean_std([c["own"] for c in cams], first["own_rule"] if len(cams) == 1 else "")
         best = ("- (no threshold)" if first["best"] is None
@@ -282,15 +285,18 @@ def write_results(out: Path, methods: list[str], results: Path, header: list[str
                     f"{_share(first['own_fg'])} / {pseudo_fg} ({_share(first['gt_fg'])}) | {minutes:.1f} | {peak:.1f} |")
         per_class[method] = first
     cam_methods = [m for m in methods if m in per_class]
-    names = next(iter(per_class.values()))["class_names"]
     lines = [*header, "",
              "| method | CAM mIoU, fixed (own rule) | CAM mIoU, held-out threshold (chosen on the evaluation part) | "
              "CAM mIoU, oracle threshold (chosen on these masks) | pseudo-label mIoU after IRN, own rule | "
              "segmentation mIoU, held-out evaluation part | foreground share, CAMs / pseudo labels (ground truth) | "
              "time (min) | peak memory (GB) |",
-             "|---|---|---|---|---|---|---|---:|---:|", *rows, "",
-             "Per-class CAM IoU (%) at the oracle threshold (own background for methods without one), first seed:", "",
-             "| class | " + " | ".join(cam_methods) + " |", "|---|" + "---:|" * len(cam_methods)]
+             "|---|---|---|---|---|---|---|---:|---:|", *rows, ""]
+    if not cam_methods:
+        write_bytes_atomic(results, "\n".join(lines).encode())
+        return
+    names = per_class[cam_methods[0]]["class_names"]
+    lines += ["Per-class CAM IoU (%) at the oracle threshold (own background for methods without one), first seed:", "",
+              "| class | " + " | ".join(cam_methods) + " |", "|---|" + "---:|" * len(cam_methods)]
     for index, name in enumerate(names):
         lines.append(f"| {name} | " + " | ".join(f"{100 * per_class[m]['iou'][index]:.1f}" for m in cam_methods) + " |")
     chart = results.with_suffix(".png")
@@ -360,12 +366,23 @@ def main(argv: list[str] | None = None) -> int:
     lists = write_split(budget, root, out)
     rows = [*methods, *([GROUND_TRUTH] if budget.get("ground_truth") else [])]
     seeds = {method: budget_seeds(budget, method) for method in rows}
-    runs = [(method, seed) for method in rows for seed in seeds[method]]
+    # every row's first seed before any row's second: a benchmark stopped part-way has compared every method once
+    runs = [(method, seeds[method][k]) for k in range(max(map(len, seeds.values())))
+            for method in rows if k < len(seeds[method])]
     for index, (method, seed) in enumerate(runs, 1):
         print(f"benchmark | [{index}/{len(runs)}] {method} seed {seed} ...", flush=True)
         record = run_method(method, budget, args.data, root, out, cams_only=args.cams_only, seed=seed, lists=lists)
         print(f"benchmark | [{index}/{len(runs)}] {method} seed {seed}: {record['seconds'] / 60:.1f} min, "
               f"peak {record['peak_rss_mb']} MB", flush=True)
+        _write_table(args, argv, budget, budget_path, out, rows, seeds, lists, start, done=index == len(runs))
+    print(f"benchmark | results: {args.results}", flush=True)
+    return 0
+
+
+def _write_table(args: argparse.Namespace, argv: list[str], budget: dict[str, Any], budget_path: Path, out: Path,
+                 rows: list[str], seeds: dict[str, list[int]], lists: dict[str, str] | None, start: float,
+                 done: bool) -> None:
+    """The results file, rewritten after every run so that a benchmark stopped part-way still shows its table."""
     header = ["# Results: every method under one budget", "",
               f"- command: `lit-wsss benchmark {shlex.join(argv)}` (defaults: --root {args.root} --budget "
               f"{args.budget} --results {args.results} --out {args.out})",
@@ -373,12 +390,13 @@ def main(argv: list[str] | None = None) -> int:
               f"- wall time of this invocation: {(time.perf_counter() - start) / 60:.1f} min (a method finished by "
               "an earlier invocation counts 0 here; the table's time column adds up each method's invocations)",
               f"- budget ({budget_path.name}): `{json.dumps(budget, separators=(', ', ': '))}`"]
+    if not done:
+        header.append("- **incomplete**: this invocation is still running or was stopped; rerun the same command "
+                      "to resume (finished runs are skipped)")
     if lists:
         header.append(f"- split: training part `{lists['train']}`, evaluation part `{lists['eval']}` (budget's split "
                       f"{budget['split']} of list {budget.get('list', 'train')}, by sorted id)")
     write_results(out, rows, Path(args.results), header, seeds)
-    print(f"benchmark | results: {args.results}", flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -43,20 +43,29 @@ def _configs(data: str, method: str, extra: list[str]) -> list[str]:
     return args
 
 
+#: Written by :func:`_fit` when a training run has ended: only then is ``last.ckpt`` the final checkpoint.
+FIT_DONE = "fit_done.json"
+
+
 def _fit(args: list[str], run_dir: Path) -> Path:
     from lit_wsss.cli import run_cli
 
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.is_file():
+    finished = run_dir / FIT_DONE
+    if finished.is_file() and last.is_file():
         return last
+    # last.ckpt is saved after every epoch: without the marker it is an interrupted run, resumed where it stopped
+    resume = [f"--ckpt_path={last}"] if last.is_file() else []
     cli = run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
                    "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
-                   f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]"])
+                   f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]", *resume])
     if not last.is_file() and cli.trainer.fast_dev_run:
         # Lightning turns checkpointing off in a fast dev run; the next stage still needs the weights
         cli.trainer.save_checkpoint(last)
     if not last.is_file():
         raise RuntimeError(f"training finished without {last}")
+    write_json_atomic(finished, {"checkpoint": str(last), "global_step": cli.trainer.global_step,
+                                 "resumed": bool(resume)})
     return last
 
 
@@ -83,6 +92,16 @@ def training_mask_folder(root: Path) -> Path:
         if (root / name).is_dir():
             return root / name
     raise FileNotFoundError(f"no {' or '.join(GT_FOLDERS)} folder under {root}")
+
+
+def same_list(root: Path, first: str, second: str) -> bool:
+    """Whether two list arguments (names under the root or paths) name the same file."""
+    from lit_wsss.datamodules.base import resolve_list
+
+    try:
+        return resolve_list(root, first).resolve() == resolve_list(root, second).resolve()
+    except FileNotFoundError:
+        return first == second
 
 
 def _tool(module: str, argv: list[str]) -> None:
@@ -154,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cam-config", action="append", default=[], help="extra config for the CAM stages")
     parser.add_argument("--irn-config", action="append", default=[], help="extra config for the IRNet stages")
     parser.add_argument("--root", required=True, help="VOC-layout root of the images and masks")
-    parser.add_argument("--list", required=True, help="ids for CAMs, IR labels, IRNet, pseudo labels and eval")
+    parser.add_argument("--list", required=True,
+                        help="the training ids: CAMs, IR labels, IRNet, pseudo labels (scored on their masks) and the "
+                             "segmentation network's training labels")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="foreground classes for evaluation (default: the CAM model's, from its manifest)")
     parser.add_argument("--out", default=None, help="default outputs/pipeline/<data>-<method>")
@@ -177,12 +198,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-segmentation", action="store_true", help="stop after eval pseudo labels")
     parser.add_argument("--threshold-list", default=None,
                         help="labelled held-out ids: the CAM background threshold is chosen on their masks and "
-                             "applied to --list (the 'held-out' threshold mode, beside fixed and oracle)"),
+                             "applied to --list (the 'held-out' threshold mode, beside fixed and oracle)")
     parser.add_argument("--seg-eval-list", default=None,
                         help="held-out ids the segmentation network is scored on (default: synth/voc val)")
     parser.add_argument("--seg-config", action="append", default=[], help="extra config for the segmentation stages")
     parser.add_argument("--seg-args", default="", help="extra lit-wsss arguments for segmentation training/prediction")
     args = parser.parse_args(argv)
+    seg_eval_list = args.seg_eval_list or SEG_EVAL_LISTS.get(args.data, "val")
+    if same_list(Path(args.root), seg_eval_list, args.list) and not (args.no_segmentation or args.cams_only):
+        parser.error(f"--seg-eval-list equals --list ({args.list}): the final score needs held-out images "
+                     "(or --no-segmentation)")
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
     data_args = [f"--data.init_args.root={args.root}"]
@@ -229,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         count = args.num_classes or read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]
         return ["--num-classes", str(count)]
 
-    seg_eval_list = args.seg_eval_list or SEG_EVAL_LISTS.get(args.data, "val")
     seg_args = (_configs(args.data, "deeplab", args.seg_config) + data_args
                 + [f"--data.init_args.train_list={args.list}", f"--data.init_args.val_list={seg_eval_list}"]
                 + shlex.split(args.seg_args))
@@ -237,8 +261,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def segmentation_stages(training_labels: Path) -> None:
         """Train the segmentation network on ``training_labels`` of ``--list``, predict and score the held-out list."""
-        if seg_eval_list == args.list:
-            raise ValueError(f"--seg-eval-list equals --list ({args.list}): the final score needs held-out images")
         labelled = [*seg_args, f"--data.init_args.seed_dir={training_labels}"]
         # no validation while training: the held-out masks are used once, for the final score
         held_out = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]

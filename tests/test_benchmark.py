@@ -187,3 +187,17 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     before = {run: (out / run[0] / f"seed{run[1]}" / "benchmark.json").read_text() for run in runs}
     assert main(argv) == 0
     assert {run: (out / run[0] / f"seed{run[1]}" / "benchmark.json").read_text() for run in runs} == before
+
+
+def test_results_of_a_benchmark_stopped_part_way(tmp_path):
+    """A row with no finished run says so; the table is still written (the benchmark rewrites it after every
+    run, so that a run spread over several sessions always has its table)."""
+    from lit_wsss.benchmark import write_results
+
+    results = tmp_path / "results.md"
+    write_results(tmp_path / "run", ["cam", "ground_truth"], results, ["# partial"], {"cam": [0], "ground_truth": [0]})
+    text = results.read_text()
+    assert "| cam | - (not run yet) |" in text and "| segmentation trained on ground truth (upper bound) | -" in text
+    header = next(line for line in text.splitlines() if line.startswith("| method |"))
+    row = next(line for line in text.splitlines() if line.startswith("| cam |"))
+    assert row.count("|") == header.count("|")

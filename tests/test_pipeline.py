@@ -74,7 +74,7 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
-def test_ground_truth_upper_bound_trains_on_the_masks(tmp_path, monkeypatch):
+def test_ground_truth_upper_bound_trains_on_the_masks(tmp_path, monkeypatch, capsys):
     """`--method ground_truth`: no WSSS stage, the segmentation network on the masks of --list, scored on val."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
@@ -86,6 +86,32 @@ def test_ground_truth_upper_bound_trains_on_the_masks(tmp_path, monkeypatch):
         "train segmentation", "segment", "eval segmentation"]
     manifest = json.loads((run / "segmentation" / "manifest.json").read_text())
     assert manifest["protocol"]["data"]["seed_dir"] == str(root / "SegmentationClass")
-    with pytest.raises(ValueError, match="held-out"):
+    with pytest.raises(SystemExit):  # scored on its own training images: refused before anything runs
         main(["--data", "synth", "--method", "ground_truth", "--root", str(root), "--list", "val",
               "--out", str(tmp_path / "leak"), "--seg-args", data])
+    assert not (tmp_path / "leak").exists() and "held-out" in capsys.readouterr().err
+
+
+def test_an_interrupted_training_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch):
+    """last.ckpt is written after every epoch: only the marker of a finished fit makes a rerun skip it."""
+    from types import SimpleNamespace
+
+    import lit_wsss.cli
+    from lit_wsss import pipeline
+
+    calls = []
+
+    def fake_run_cli(argv):
+        calls.append(argv)
+        return SimpleNamespace(trainer=SimpleNamespace(fast_dev_run=False, global_step=7))
+
+    monkeypatch.setattr(lit_wsss.cli, "run_cli", fake_run_cli)
+    run = tmp_path / "cam"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"epoch 2 of 5")  # a killed run left this
+    assert pipeline._fit(["--config", "x.yaml"], run) == run / "checkpoints" / "last.ckpt"
+    assert calls[-1][-1] == f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+    assert json.loads((run / pipeline.FIT_DONE).read_text()) == {
+        "checkpoint": str(run / "checkpoints" / "last.ckpt"), "global_step": 7, "resumed": True}
+    pipeline._fit(["--config", "x.yaml"], run)
+    assert len(calls) == 1  # finished: not trained again

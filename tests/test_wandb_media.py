@@ -13,9 +13,10 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-@pytest.mark.parametrize("method", ["cam", "sipe"])
+@pytest.mark.parametrize("method", ["cam", "sipe", "deeplab"])
 def test_offline_wandb_run_holds_panel_table_and_curve(method, tmp_path, monkeypatch):
-    """SIPE (its own background, no threshold sweep) gets the panel and the mask layers, no table or curve."""
+    """SIPE (its own background, no threshold sweep) and the segmentation network (its class probabilities in
+    the panel, image / prediction / ground-truth layers) get the panel and the mask layers, no table or curve."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -33,12 +34,21 @@ def test_offline_wandb_run_holds_panel_table_and_curve(method, tmp_path, monkeyp
 
 
 def run_fit(method, tmp_path, logger):
+    root = tmp_path / "synthetic"
+    if method == "deeplab":  # trained on the set's own masks (generated first: seed_dir is checked at setup)
+        from lit_wsss.datamodules.synthetic import generate_synthetic_voc
+
+        generate_synthetic_voc(root, num_train=8, num_val=3)
+        specific = [f"--data.init_args.seed_dir={root / 'SegmentationClass'}", "--model.init_args.output_stride=16",
+                    "--model.init_args.inference_scales=[1.0]"]
+    else:
+        specific = ["--model.init_args.cam_scales=[1.0]"]
     main([
         "fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / f"{method}.yaml"),
-        f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=8",
+        f"--data.init_args.root={root}", "--data.init_args.num_train=8",
         "--data.init_args.num_val=3", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
         "--data.init_args.crop_size=64", "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",
-        "--model.init_args.cam_scales=[1.0]", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
+        *specific, "--trainer.max_epochs=1", "--trainer.log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=" + json.dumps(logger),
     ])
 
@@ -53,7 +63,7 @@ def check_run(method, tmp_path):
     mask_layers = list((media / "images").rglob("*.mask.png"))
     assert len(mask_layers) == 6  # prediction + ground truth for each of the 3 panel images
     saved = {p.name for p in tmp_path.rglob("epoch_000/*")}
-    if method == "sipe":
+    if method in ("sipe", "deeplab"):
         assert not any(name.startswith("sweep_curve") for name in images) and saved == {"cam_panel.png"}
         return
     assert any(name.startswith("sweep_curve") for name in images), images
