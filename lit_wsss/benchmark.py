@@ -101,7 +101,7 @@ def write_split(budget: dict[str, Any], root: Path, out: Path) -> dict[str, str]
     paths = {"train": folder / "train_part.txt", "eval": folder / "eval_part.txt"}
     for name, ids in (("train", train), ("eval", evaluation)):
         write_bytes_atomic(paths[name], ("\n".join(ids) + "\n").encode())
-    return {name: str(path.resolve()) for name, path in paths.items()}
+    return {name: str(path) for name, path in paths.items()}
 
 
 def section_args(prefix: str, values: dict[str, Any] | None) -> list[str]:

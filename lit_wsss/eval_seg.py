@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lit_wsss.evaluation import MEAN_OVER, _percent, _read_class_names, evaluate_label_folder, write_reports
+from lit_wsss.evaluation import MEAN_OVER, evaluate_label_folder, percent, read_class_names, write_reports
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,16 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = Path(args.root)
         ids = read_id_list(resolve_list(root, args.list))
-        names = _read_class_names(args.class_names) if args.class_names else None
+        names = read_class_names(args.class_names) if args.class_names else None
         result = evaluate_label_folder(args.pred, root, ids, args.num_classes, args.mask_dir, class_names=names,
                                        progress=not args.no_progress, mean_over=args.mean_over)
         paths = write_reports(result, args.out)
     except (FileNotFoundError, ValueError) as error:
         print(f"eval-seg: error: {error}", file=sys.stderr)
         return 1
-    print(f"mIoU {_percent(result['miou'])} % on {result['num_images']} images (over the {MEAN_OVER[args.mean_over]}); "
-          f"pixel accuracy {_percent(result['pixel_accuracy'])} %, mean class accuracy "
-          f"{_percent(result['mean_class_accuracy'])} %")
+    print(f"mIoU {percent(result['miou'])} % on {result['num_images']} images (over the {MEAN_OVER[args.mean_over]}); "
+          f"pixel accuracy {percent(result['pixel_accuracy'])} %, mean class accuracy "
+          f"{percent(result['mean_class_accuracy'])} %")
     print("reports: " + ", ".join(str(p) for p in paths.values() if p is not None))
     return 0
 

@@ -309,7 +309,8 @@ def _default_class_names(num_classes: int) -> list[str]:
     return ["background", *foreground]
 
 
-def _match(value: float, candidates: Sequence[float]) -> int | None:
+def threshold_index(value: float, candidates: Sequence[float]) -> int | None:
+    """Index of ``value`` among ``candidates`` (equal within 1e-12), else None."""
     for index, candidate in enumerate(candidates):
         if math.isclose(value, candidate, rel_tol=0.0, abs_tol=1e-12):
             return index
@@ -330,7 +331,7 @@ def sweep_summary(
         mean_over: the class set of the mIoU (:data:`MEAN_OVER`); the oracle is the best by that mIoU.
     """
     sweep = list(thresholds)
-    fixed_index = _match(fixed_threshold, sweep)
+    fixed_index = threshold_index(fixed_threshold, sweep)
     scores = [_scores(matrix, mean_over) for matrix in confusions[: len(sweep)]]
     miou = np.array([s["miou"] for s in scores])
     best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else 0  # first best: lowest such tau
@@ -430,7 +431,7 @@ def evaluate_cam_folder(
         if not path.is_file():
             raise FileNotFoundError(f"no ground-truth mask for id {image_id!r}: {path} is missing")
 
-    fixed_index = _match(fixed_threshold, sweep)
+    fixed_index = threshold_index(fixed_threshold, sweep)
     planes = sweep if fixed_index is not None else [*sweep, fixed_threshold]
     n = num_classes + 1
     sweep_total = np.zeros((len(planes), n, n), np.int64)
@@ -563,7 +564,8 @@ def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[st
 # --------------------------------------------------------------------------------------------------- reports
 
 
-def _percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
+    """A score in [0, 1] as a percentage with two decimals; ``n/a`` for None."""
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
@@ -574,12 +576,12 @@ def _other_mean_over(mean_over: str) -> str:
 def _block_summary(label: str, block: dict[str, Any], mean_over: str) -> str:
     """One report line: mIoU, the mIoU over the other class set when it differs, pixel and class accuracy."""
     other = _other_mean_over(mean_over)
-    line = f"{label}: mIoU **{_percent(block['miou'])} %**"
+    line = f"{label}: mIoU **{percent(block['miou'])} %**"
     if block.get(f"miou_{other}") is not None and not math.isclose(block[f"miou_{other}"], block["miou"] or 0.0,
                                                                    abs_tol=5e-5):
-        line += f" (over the {MEAN_OVER[other]}: {_percent(block[f'miou_{other}'])} %, `--mean-over {other}`)"
-    return (line + f"; pixel accuracy {_percent(block.get('pixel_accuracy'))} %, mean class accuracy "
-            f"{_percent(block.get('mean_class_accuracy'))} %")
+        line += f" (over the {MEAN_OVER[other]}: {percent(block[f'miou_{other}'])} %, `--mean-over {other}`)"
+    return (line + f"; pixel accuracy {percent(block.get('pixel_accuracy'))} %, mean class accuracy "
+            f"{percent(block.get('mean_class_accuracy'))} %")
 
 
 def sweep_markdown(result: dict[str, Any]) -> str:
@@ -610,9 +612,9 @@ def sweep_markdown(result: dict[str, Any]) -> str:
         for tau, miou in zip(result["thresholds"], result["miou"]):
             marks = [label for label, block in (("fixed", fixed), ("oracle", best))
                      if math.isclose(tau, block["threshold"], rel_tol=0.0, abs_tol=1e-12)]
-            lines.append(f"| {tau:g} | {_percent(miou)} | {', '.join(marks)} |")
+            lines.append(f"| {tau:g} | {percent(miou)} | {', '.join(marks)} |")
         if not fixed.get("in_sweep", True):
-            lines.append(f"| {fixed['threshold']:g} | {_percent(fixed['miou'])} | "
+            lines.append(f"| {fixed['threshold']:g} | {percent(fixed['miou'])} | "
                          "fixed (outside the sweep) |")
         lines += [
             "",
@@ -622,9 +624,9 @@ def sweep_markdown(result: dict[str, Any]) -> str:
             "|---:|---|---:|---:|",
         ]
         for index, name in enumerate(names):
-            lines.append(f"| {index} | {name} | {_percent(fixed['iou'][index])} | "
-                         f"{_percent(best['iou'][index])} |")
-        lines.append(f"| | **mIoU** | **{_percent(fixed['miou'])}** | **{_percent(best['miou'])}** |")
+            lines.append(f"| {index} | {name} | {percent(fixed['iou'][index])} | "
+                         f"{percent(best['iou'][index])} |")
+        lines.append(f"| | **mIoU** | **{percent(fixed['miou'])}** | **{percent(best['miou'])}** |")
     if "bg_argmax" in result:
         block = result["bg_argmax"]
         lines += [
@@ -637,8 +639,8 @@ def sweep_markdown(result: dict[str, Any]) -> str:
             "|---:|---|---:|---:|---:|",
         ]
         for index, name in enumerate(names):
-            lines.append(f"| {index} | {name} | {_percent(block['iou'][index])} | "
-                         f"{_percent(block['precision'][index])} | {_percent(block['recall'][index])} |")
+            lines.append(f"| {index} | {name} | {percent(block['iou'][index])} | "
+                         f"{percent(block['precision'][index])} | {percent(block['recall'][index])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -658,9 +660,9 @@ def labels_markdown(result: dict[str, Any]) -> str:
         "|---:|---|---:|---:|---:|",
     ]
     for index, name in enumerate(result["class_names"]):
-        lines.append(f"| {index} | {name} | {_percent(result['iou'][index])} | "
-                     f"{_percent(result['precision'][index])} | {_percent(result['recall'][index])} |")
-    lines.append(f"| | **mIoU** | **{_percent(result['miou'])}** | | |")
+        lines.append(f"| {index} | {name} | {percent(result['iou'][index])} | "
+                     f"{percent(result['precision'][index])} | {percent(result['recall'][index])} |")
+    lines.append(f"| | **mIoU** | **{percent(result['miou'])}** | | |")
     return "\n".join(lines) + "\n"
 
 
@@ -677,7 +679,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     for block, colour, marker in ((result["fixed"], "tab:green", "o"), (result["best"], "tab:red", "*")):
         if block["miou"] is not None:
             axes.axvline(block["threshold"], color=colour, linestyle="--", linewidth=0.8)
-            label = f"{block['chosen']}: {block['threshold']:g} -> {_percent(block['miou'])} %"
+            label = f"{block['chosen']}: {block['threshold']:g} -> {percent(block['miou'])} %"
             axes.plot([block["threshold"]], [100 * block["miou"]], marker=marker, markersize=10, color=colour,
                       linestyle="none", label=label)
     axes.set_xlabel("background threshold")
@@ -773,7 +775,8 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
-def _read_class_names(path: str) -> list[str]:
+def read_class_names(path: str) -> list[str]:
+    """One class name per non-empty line of ``path``."""
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 
 
@@ -819,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = Path(args.root)
         ids = read_id_list(resolve_list(root, args.list))
-        names = _read_class_names(args.class_names) if args.class_names else None
+        names = read_class_names(args.class_names) if args.class_names else None
         result = evaluate_cam_folder(
             args.cams, root, ids, thresholds, num_classes=args.num_classes, mask_dir=args.mask_dir,
             fixed_threshold=args.fixed_threshold, class_names=names, progress=not args.no_progress,
@@ -831,15 +834,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if result["fixed"] is not None:
         fixed, best = result["fixed"], result["best"]
-        print(f"fixed threshold {fixed['threshold']:g}: mIoU {_percent(fixed['miou'])} % (over the "
-              f"{MEAN_OVER[args.mean_over]}); pixel accuracy {_percent(fixed['pixel_accuracy'])} %, "
-              f"mean class accuracy {_percent(fixed['mean_class_accuracy'])} %")
+        print(f"fixed threshold {fixed['threshold']:g}: mIoU {percent(fixed['miou'])} % (over the "
+              f"{MEAN_OVER[args.mean_over]}); pixel accuracy {percent(fixed['pixel_accuracy'])} %, "
+              f"mean class accuracy {percent(fixed['mean_class_accuracy'])} %")
         print(f"oracle threshold {best['threshold']:g} (best on these masks, optimistic): "
-              f"mIoU {_percent(best['miou'])} %")
+              f"mIoU {percent(best['miou'])} %")
     if "bg_argmax" in result:
         block = result["bg_argmax"]
         print(f"bg argmax ({block['num_images']} files with their own background): "
-              f"mIoU {_percent(block['miou'])} %")
+              f"mIoU {percent(block['miou'])} %")
     if result.get("note"):
         print(f"note: {result['note']}")
     print("reports: " + ", ".join(str(p) for p in paths.values() if p is not None))

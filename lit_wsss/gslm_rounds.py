@@ -34,7 +34,7 @@ from typing import Any
 from lit_wsss.evaluation import headline
 from lit_wsss.io import read_manifest, write_json_atomic
 from lit_wsss.losses.gslm import CONF_BG_THRESHOLD, CONF_FG_THRESHOLD, GSLM_CRF_PARAMS, NUM_ROUNDS, round_thresholds
-from lit_wsss.pipeline import EXPERIMENTS, _configs, _fit, _predict, _tool
+from lit_wsss.pipeline import _configs, _fit, _tool, export_cams
 
 DEFAULT_ROOTS = {"synth": "data/synthetic"}
 #: Option prefixes of the Lightning CLI passed through to the stages; trainer options reach the fits only.
@@ -90,6 +90,18 @@ def scored_cams(out: Path, after_round: int, train_list: str, eval_list: str) ->
     if eval_list == train_list:  # they are also the next round's seed CAMs: one export
         return out / f"round{after_round + 1}" / "cams"
     return out / ("glm" if after_round < 0 else f"round{after_round}") / "eval_cams"
+
+
+def slm_checkpoint(out: Path, round_index: int) -> Path:
+    """The SLM checkpoint of round ``round_index`` under the driver's ``--out``."""
+    return out / f"round{round_index}" / "slm" / "checkpoints" / "last.ckpt"
+
+
+def final_slm(data: str, root: str, configs: list[str], slm_args: str, out: Path, rounds: int) -> tuple[list[str], Path]:
+    """Arguments and checkpoint of the last round's SLM (to export CAMs of other ids, e.g. a held-out list)."""
+    args = (_configs(data, "gslm", configs) + [f"--data.init_args.root={root}"] + shlex.split(slm_args)
+            + [f"--model.init_args.cam_bg_threshold={round_thresholds(rounds - 1).eval_bg}"])
+    return args, slm_checkpoint(out, rounds - 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +166,7 @@ def _run_rounds(args: argparse.Namespace, root: str, out: Path, trainer_override
 
     def export(model_args: list[str], checkpoint: Path, ids: str, folder: Path) -> None:
         if not (folder / "manifest.json").is_file():
-            _predict([*model_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
-                      f"--data.init_args.predict_list={ids}", f"--ckpt_path={checkpoint}"], folder)
+            export_cams(model_args, checkpoint, ids, folder)
 
     def evaluate(cams: Path, threshold: float, result: Path) -> dict[str, Any]:
         if not result.is_file():
@@ -191,7 +202,7 @@ def _run_rounds(args: argparse.Namespace, root: str, out: Path, trainer_override
         round_args = [*slm, start, f"--data.init_args.seed_dir={folder / 'seeds'}",
                       f"--model.init_args.cam_bg_threshold={threshold}"]
         stage(f"round {r}: train SLM", lambda: _fit(round_args + trainer_overrides, folder / "slm"))
-        model_args, checkpoint = round_args, folder / "slm" / "checkpoints" / "last.ckpt"
+        model_args, checkpoint = round_args, slm_checkpoint(out, r)
         round_cams = scored_cams(out, r, train_list, eval_list)
         stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, round_cams),
               lambda: evaluate(round_cams, threshold, folder / "eval_cams.json"))

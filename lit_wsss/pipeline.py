@@ -77,6 +77,13 @@ def _predict(args: list[str], out_dir: Path) -> None:
              f"--trainer.default_root_dir={out_dir}"])
 
 
+def export_cams(model_args: list[str], checkpoint: Path, ids: str, folder: Path) -> None:
+    """CAM files of the ids ``ids`` from ``checkpoint`` into ``folder`` (``experiments/stages/predict_cams.yaml``;
+    a rerun resumes)."""
+    _predict([*model_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
+              f"--data.init_args.predict_list={ids}", f"--ckpt_path={checkpoint}"], folder)
+
+
 #: The held-out split the segmentation network is scored on, by data set (``--seg-eval-list``).
 SEG_EVAL_LISTS = {"synth": "val", "voc": "val", "coco": "val2014"}
 #: ``--method`` that trains the segmentation network on ground-truth masks (no CAM stages).
@@ -120,12 +127,9 @@ def final_cam_model(args: argparse.Namespace, out: Path, cam_args: list[str], ro
     """Arguments and checkpoint of the network whose CAMs the IRN stages refine (GSLM: its last SLM round)."""
     if args.method != "gslm":
         return cam_args, out / "cam" / "checkpoints" / "last.ckpt"
-    from lit_wsss.losses.gslm import round_thresholds
+    from lit_wsss.gslm_rounds import final_slm
 
-    slm = (_configs(args.data, "gslm", args.cam_config) + [f"--data.init_args.root={args.root}"]
-           + shlex.split(f"{args.cam_args} {args.slm_args}")
-           + [f"--model.init_args.cam_bg_threshold={round_thresholds(rounds - 1).eval_bg}"])
-    return slm, out / "gslm" / f"round{rounds - 1}" / "slm" / "checkpoints" / "last.ckpt"
+    return final_slm(args.data, args.root, args.cam_config, f"{args.cam_args} {args.slm_args}", out / "gslm", rounds)
 
 
 def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: Any,
@@ -134,7 +138,7 @@ def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: A
     threshold that scores best on THEIR masks, and the mIoU of ``--list`` at that threshold (read from the
     sweep of ``eval_cams.json``, which holds every threshold of the same sweep). Written to
     ``eval_cams_held_out.json``; a method with its own background (SIPE) has no threshold to choose."""
-    from lit_wsss.evaluation import _match
+    from lit_wsss.evaluation import threshold_index
 
     result_path = out / "eval_cams_held_out.json"
     train_result = json.loads((out / "eval_cams.json").read_text())
@@ -144,9 +148,7 @@ def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: A
         return
     folder = out / "threshold_cams"
     model_args, checkpoint = model
-    stage("CAMs (threshold list)", lambda: _predict([
-        *model_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
-        f"--data.init_args.predict_list={args.threshold_list}", f"--ckpt_path={checkpoint}"], folder),
+    stage("CAMs (threshold list)", lambda: export_cams(model_args, checkpoint, args.threshold_list, folder),
           lambda: {"files": len(list(folder.glob("*.npz")))})
     chosen_path = out / "eval_cams_threshold_list.json"
     thresholds = ["--thresholds", args.thresholds] if args.thresholds else []
@@ -155,7 +157,7 @@ def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: A
         *num_classes(), "--out", str(chosen_path)]),
           lambda: {"chosen threshold": json.loads(chosen_path.read_text())["best"]["threshold"]})
     chosen = json.loads(chosen_path.read_text())["best"]["threshold"]
-    index = _match(chosen, train_result["thresholds"])
+    index = threshold_index(chosen, train_result["thresholds"])
     if index is None:
         raise ValueError(f"threshold {chosen} chosen on {args.threshold_list} is not in the sweep of {out / 'eval_cams.json'}")
     record = {"mode": "held-out", "threshold": chosen, "chosen_on": args.threshold_list, "applied_to": args.list,
@@ -299,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
               lambda: {"checkpoint": str(checkpoints["cam"])})
-        stage("CAMs", lambda: _predict([*cam_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
-                                        f"--data.init_args.predict_list={args.list}",
-                                        f"--ckpt_path={checkpoints['cam']}"], cams),
+        stage("CAMs", lambda: export_cams(cam_args, checkpoints["cam"], args.list, cams),
               lambda: {"files": len(list(cams.glob("*.npz")))})
     stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate, *num_classes(),
                                                               "--out", str(out / "eval_cams.json")]),

@@ -11,7 +11,8 @@ from PIL import Image
 from lit_wsss.backbones import build_backbone
 from lit_wsss.eval_seg import main as eval_seg
 from lit_wsss.modules import DeepLab
-from lit_wsss.modules.segmentation import DeepLabV2Head, denormalise
+from lit_wsss.datamodules.transforms import denormalise
+from lit_wsss.modules.segmentation import DeepLabV2Head
 from lit_wsss.refine.crf import crf_inference_softmax
 
 PALETTE = [value for index in range(256) for value in (index, (37 * index) % 256, (91 * index) % 256)]

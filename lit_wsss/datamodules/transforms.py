@@ -73,6 +73,15 @@ def inference(crop_size: int = 512, resize_long: tuple[int, int] = (320, 640)) -
     return A.Compose([A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD, max_pixel_value=255.0), ToTensorV2()])
 
 
+def denormalise(image: torch.Tensor) -> np.ndarray:
+    """The uint8 RGB ``(H, W, 3)`` of an ImageNet-normalised ``(3, H, W)`` tensor (exact up to rounding): what
+    image-space refinements (dense CRF) need back from a batch."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    rgb = ((image.float() * std + mean) * 255.0).round().clamp(0, 255)
+    return rgb.byte().permute(1, 2, 0).contiguous().cpu().numpy()
+
+
 class WithInImageMask:
     """Runs a pipeline with an all-ones helper mask and returns where it stayed 1 as ``valid`` (bool H x W).
 

@@ -18,7 +18,8 @@ Deviations from kazuto1011/deeplab-pytorch: torchvision ResNets (stride on the 3
 Caffe's ResNet); no multi-scale (MSC) training: one scale, the loss on labels nearest-downsampled to the logit
 size (``loss_resolution="logits"``, kazuto1011's ``resize_labels``) or on bilinearly upsampled logits
 (``"input"``); the random scale is continuous in [0.5, 1.5] instead of the set {0.5, 0.75, 1, 1.25, 1.5};
-biases of the head at 10x, not 20x; inference adds horizontal flips to MSC's scales (1.0, 0.75, 0.5) and
+biases of the head at 10x, not 20x; inference adds horizontal flips to MSC's scales (1.0, 0.75, 0.5), rescales
+with antialiased bicubic (the CAM methods' :func:`lit_wsss.cams.scaled_flip_pairs`) instead of bilinear, and
 fuses by the max of the logits (MSC) or the mean of the probabilities (``inference_fusion``).
 """
 
@@ -27,14 +28,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_wsss.backbones import Backbone, build_backbone
-from lit_wsss.cams import scaled_size
-from lit_wsss.datamodules.transforms import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD
+from lit_wsss.cams import scaled_flip_pairs
+from lit_wsss.datamodules.transforms import IGNORE_INDEX, denormalise
 from lit_wsss.modules.base import WSSSModule
 
 HEADS = ("deeplabv2", "deeplabv3plus")
@@ -195,31 +195,18 @@ class DeepLab(WSSSModule):
 
     @torch.no_grad()
     def segment(self, image: Tensor, scales: Sequence[float] | None = None) -> Tensor:
-        """Class scores ``(C+1, H, W)`` of one image ``(3, H, W)``: logits (fusion ``max``) or probabilities
-        (``mean``) over the scales (and flips), each bilinearly resized to ``H x W``."""
+        """Class scores ``(C+1, H, W)`` of one image ``(3, H, W)``: the max of the logits (fusion ``max``) or the
+        mean of the probabilities (``mean``) over the scales (rescaled as every CAM method's,
+        :func:`lit_wsss.cams.scaled_flip_pairs`) and their flips, each bilinearly resized to ``H x W``."""
         hp = self.hparams
-        height, width = image.shape[-2:]
-        fused: Tensor | None = None
-        count = 0
-        for scale in scales or hp.inference_scales:
-            size = scaled_size(height, width, scale)
-            scaled = image[None] if scale == 1.0 else F.interpolate(
-                image[None], size=size, mode="bilinear", align_corners=False)
-            batch = torch.cat([scaled, scaled.flip(-1)]) if hp.inference_flip else scaled
-            logits = F.interpolate(self(batch).float(), size=(height, width), mode="bilinear", align_corners=False)
-            if hp.inference_flip:
-                logits[1] = logits[1].flip(-1)
-            scores = logits if hp.inference_fusion == "max" else logits.softmax(1)
-            for score in scores:
-                if fused is None:
-                    fused = score
-                elif hp.inference_fusion == "max":
-                    fused = torch.maximum(fused, score)
-                else:
-                    fused = fused + score
-                count += 1
-        assert fused is not None
-        return fused if hp.inference_fusion == "max" else fused / count
+        size = tuple(image.shape[-2:])
+        maps = []
+        for pair in scaled_flip_pairs(image, scales or hp.inference_scales):
+            batch = pair if hp.inference_flip else pair[:1]
+            logits = F.interpolate(self(batch).float(), size=size, mode="bilinear", align_corners=False)
+            maps += [logits[0], *(logits[1:].flip(-1))]
+        stacked = torch.stack(maps)
+        return stacked.amax(0) if hp.inference_fusion == "max" else stacked.softmax(1).mean(0)
 
     def predict_mask(self, image: Tensor, scales: Sequence[float] | None = None, crf: bool = False) -> Tensor:
         """Label map ``(H, W)`` int64 of one normalised image: argmax of :meth:`segment`, after a CRF if asked."""
@@ -266,12 +253,4 @@ class DeepLab(WSSSModule):
         return record
 
 
-def denormalise(image: Tensor) -> np.ndarray:
-    """The uint8 RGB ``(H, W, 3)`` of an ImageNet-normalised ``(3, H, W)`` tensor (exact up to rounding)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    rgb = ((image.float() * std + mean) * 255.0).round().clamp(0, 255)
-    return rgb.byte().permute(1, 2, 0).contiguous().cpu().numpy()
-
-
-__all__ = ["DeepLab", "DeepLabV2Head", "DeepLabV3PlusHead", "denormalise"]
+__all__ = ["DeepLab", "DeepLabV2Head", "DeepLabV3PlusHead"]
