@@ -8,8 +8,12 @@ of every CAM training and export, ``cam_model`` of the CAM networks only, ``irn`
 ``segmentation`` of the segmentation network, and a method's own section (``gslm``, ``slams``, ``cam``, ...) of
 that method only (``seeds`` there overrides the budget's). Each run is its own process (its peak resident
 memory is read from the kernel when it ends) and its own folder ``<out>/<method>/seed<k>``; a finished run is not
-repeated, and the pipeline skips its finished stages, so a rerun resumes, also across sessions when ``--out``
-survives. ``--cams-only`` stops each run after its CAMs are scored (a later full run goes on from there).
+repeated, and the pipeline skips its finished stages, so a rerun resumes. A finished run also leaves a small run
+record (its scores, time, memory, commit and the fingerprint of the budget, data and split it ran under) in
+``--records`` (default ``<results stem>-runs/`` beside the results file, committed with it): a rerun with the same
+budget takes a recorded run from there even when ``--out`` is gone, so one table can be built over several
+sessions on machines that keep nothing but the repository. ``--cams-only`` stops each run after its CAMs are
+scored (a later full run goes on from there).
 
 Protocol. With ``split: {train: f}`` the budget's ``list`` is cut deterministically (sorted ids, an even spread:
 the evaluation part is every id whose index i has ``floor((i + 1) (1 - f)) > floor(i (1 - f))``) into a training
@@ -25,6 +29,7 @@ training part, the upper bound of the recipe. Several seeds give mean +- standar
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -155,6 +160,30 @@ def pipeline_args(method: str, budget: dict[str, Any], data: str, root: Path, ou
     return args
 
 
+def run_fingerprint(budget: dict[str, Any], data: str, root: Path, lists: dict[str, str] | None) -> str:
+    """What makes two runs of a method and seed the same experiment: the budget, the data config, the root's name
+    and the ids of the split (not the machine's paths, so that a record travels with the repository)."""
+    split = {name: Path(path).read_text().split() for name, path in (lists or {}).items()}
+    identity = json.dumps({"budget": budget, "data": data, "root": Path(root).resolve().name, "split": split},
+                          sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def record_path(records: Path, method: str, seed: int) -> Path:
+    return records / f"{method}-seed{seed}.json"
+
+
+def read_record(records: Path | None, method: str, seed: int, fingerprint: str | None) -> dict[str, Any] | None:
+    """A finished run's record made under the same fingerprint; None when absent or made under another budget."""
+    if records is None or fingerprint is None:
+        return None
+    path = record_path(records, method, seed)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("fingerprint") == fingerprint else None
+
+
 def _finished(folder: Path, cams_only: bool, method: str) -> bool:
     """Whether a run's last scored file exists (a rerun then skips it)."""
     if cams_only:
@@ -163,18 +192,24 @@ def _finished(folder: Path, cams_only: bool, method: str) -> bool:
 
 
 def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: Path, cams_only: bool = False,
-               seed: int | None = None, lists: dict[str, str] | None = None) -> dict[str, Any]:
+               seed: int | None = None, lists: dict[str, str] | None = None, records: Path | None = None,
+               fingerprint: str | None = None) -> dict[str, Any]:
     """Runs (or resumes) one method's pipeline for one seed in a child process; returns its timing record.
 
     The run's folder is ``<out>/<method>/seed<seed>``. The record's seconds add up every invocation of the run (a
     ``--cams-only`` run, then the rest; a failed one, then the rerun that resumes it); only a benchmark killed
-    while a run is going loses that run's time.
+    while a run is going loses that run's time. With ``records``, a full run recorded there under the same
+    ``fingerprint`` is not run again, and a full run that finishes is recorded there.
     """
     seed = budget.get("seed", 0) if seed is None else seed
+    recorded = read_record(records, method, seed, fingerprint)
+    if recorded is not None:
+        return recorded["timing"]
     folder = out / method / f"seed{seed}"
     record_path = folder / "benchmark.json"
     previous = json.loads(record_path.read_text()) if record_path.is_file() else None
     if previous and _finished(folder, cams_only, method):
+        _record(records, fingerprint, method, seed, folder, cams_only)
         return previous
     if cams_only and method == GROUND_TRUTH:
         return {"method": method, "seconds": 0.0, "peak_rss_mb": 0, "command": []}
@@ -199,7 +234,19 @@ def run_method(method: str, budget: dict[str, Any], data: str, root: Path, out: 
     if child.returncode:
         raise RuntimeError(f"{method} (seed {seed}): lit-wsss pipeline failed (exit {child.returncode}); "
                            f"see {folder / 'pipeline.log'}")
+    _record(records, fingerprint, method, seed, folder, cams_only)
     return record
+
+
+def _record(records: Path | None, fingerprint: str | None, method: str, seed: int, folder: Path,
+            cams_only: bool) -> None:
+    """The run record of a finished full run: what the table reads from its folder, plus where it came from."""
+    if records is None or fingerprint is None or cams_only or not _finished(folder, False, method):
+        return
+    records.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record_path(records, method, seed),
+                      {"method": method, "seed": seed, "fingerprint": fingerprint, "commit": _commit(),
+                       "machine": machine(), **run_scores(folder)})
 
 
 def _share(fraction: float | None) -> str:
@@ -236,8 +283,12 @@ def run_scores(folder: Path) -> dict[str, Any]:
 
 
 def write_results(out: Path, methods: list[str], results: Path, header: list[str],
-                  seeds: dict[str, list[int]] | None = None) -> None:
-    """The results markdown (main table + per-class CAM IoU of the first seed) and a per-class bar chart PNG."""
+                  seeds: dict[str, list[int]] | None = None, records: Path | None = None,
+                  fingerprint: str | None = None) -> None:
+    """The results markdown (main table + per-class CAM IoU of the first seed) and a per-class bar chart PNG.
+
+    Each run's scores come from its record (``records``, same ``fingerprint``) where there is one, else from its
+    folder under ``out``."""
     import io
 
     import matplotlib
@@ -249,7 +300,8 @@ def write_results(out: Path, methods: list[str], results: Path, header: list[str
     seeds = seeds or {}
     rows, per_class = [], {}
     for method in methods:
-        runs = [run_scores(out / method / f"seed{seed}") for seed in seeds.get(method, [0])]
+        runs = [read_record(records, method, seed, fingerprint) or run_scores(out / method / f"seed{seed}")
+                for seed in seeds.get(method, [0])]
         timing = [r["timing"] for r in runs if r["timing"]]
         minutes = sum(t["seconds"] for t in timing) / 60
         peak = max((t["peak_rss_mb"] for t in timing), default=0) / 1024
@@ -349,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help=f"comma list (default: the budget's or {','.join(METHODS)})")
     parser.add_argument("--data", default="voc", help="experiments/<data>/ (voc; synth for tests)")
     parser.add_argument("--out", default="outputs/benchmark", help="one folder per method")
+    parser.add_argument("--records", default=None,
+                        help="run records of finished runs (default: <results stem>-runs/ beside --results)")
     parser.add_argument("--cams-only", action="store_true",
                         help="train, export and score the CAMs only (no IRN stage, no pseudo-label column)")
     argv = sys.argv[1:] if argv is None else argv
@@ -364,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--root {root} is not a folder")
     start = time.perf_counter()
     lists = write_split(budget, root, out)
+    results = Path(args.results)
+    records = Path(args.records) if args.records else results.parent / f"{results.stem}-runs"
+    fingerprint = run_fingerprint(budget, args.data, root, lists)
     rows = [*methods, *([GROUND_TRUTH] if budget.get("ground_truth") else [])]
     seeds = {method: budget_seeds(budget, method) for method in rows}
     # every row's first seed before any row's second: a benchmark stopped part-way has compared every method once
@@ -371,17 +428,19 @@ def main(argv: list[str] | None = None) -> int:
             for method in rows if k < len(seeds[method])]
     for index, (method, seed) in enumerate(runs, 1):
         print(f"benchmark | [{index}/{len(runs)}] {method} seed {seed} ...", flush=True)
-        record = run_method(method, budget, args.data, root, out, cams_only=args.cams_only, seed=seed, lists=lists)
+        record = run_method(method, budget, args.data, root, out, cams_only=args.cams_only, seed=seed, lists=lists,
+                            records=records, fingerprint=fingerprint)
         print(f"benchmark | [{index}/{len(runs)}] {method} seed {seed}: {record['seconds'] / 60:.1f} min, "
               f"peak {record['peak_rss_mb']} MB", flush=True)
-        _write_table(args, argv, budget, budget_path, out, rows, seeds, lists, start, done=index == len(runs))
+        _write_table(args, argv, budget, budget_path, out, rows, seeds, lists, start, done=index == len(runs),
+                     records=records, fingerprint=fingerprint)
     print(f"benchmark | results: {args.results}", flush=True)
     return 0
 
 
 def _write_table(args: argparse.Namespace, argv: list[str], budget: dict[str, Any], budget_path: Path, out: Path,
                  rows: list[str], seeds: dict[str, list[int]], lists: dict[str, str] | None, start: float,
-                 done: bool) -> None:
+                 done: bool, records: Path, fingerprint: str) -> None:
     """The results file, rewritten after every run so that a benchmark stopped part-way still shows its table."""
     header = ["# Results: every method under one budget", "",
               f"- command: `lit-wsss benchmark {shlex.join(argv)}` (defaults: --root {args.root} --budget "
@@ -396,7 +455,9 @@ def _write_table(args: argparse.Namespace, argv: list[str], budget: dict[str, An
     if lists:
         header.append(f"- split: training part `{lists['train']}`, evaluation part `{lists['eval']}` (budget's split "
                       f"{budget['split']} of list {budget.get('list', 'train')}, by sorted id)")
-    write_results(out, rows, Path(args.results), header, seeds)
+    header.append(f"- run records: `{records}` (fingerprint {fingerprint}; a record names the commit and machine "
+                  "of its run)")
+    write_results(out, rows, Path(args.results), header, seeds, records, fingerprint)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,21 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     before = {run: (out / run[0] / f"seed{run[1]}" / "benchmark.json").read_text() for run in runs}
     assert main(argv) == 0
     assert {run: (out / run[0] / f"seed{run[1]}" / "benchmark.json").read_text() for run in runs} == before
+    # another session keeps only the repository: the run records beside the results rebuild the same table and
+    # nothing trains again; a record made under another budget is not taken
+    records = tmp_path / "results-runs"
+    assert sorted(p.name for p in records.glob("*.json")) == sorted(
+        [f"{m}-seed{s}.json" for m, s in runs] + ["ground_truth-seed0.json"])
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    import shutil
+    shutil.rmtree(out)
+    assert main(argv) == 0
+    assert [line for line in results.read_text().splitlines() if line.startswith("| ")] == table
+    assert sorted(p.name for p in out.iterdir()) == ["lists"]
+    stale = json.loads((records / "sipe-seed0.json").read_text())
+    (records / "sipe-seed0.json").write_text(json.dumps({**stale, "fingerprint": "another budget"}))
+    assert main([*argv, "--methods", "sipe", "--cams-only"]) == 0
+    assert (out / "sipe" / "seed0" / "eval_cams.json").is_file()
 
 
 def test_results_of_a_benchmark_stopped_part_way(tmp_path):
