@@ -26,20 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from lit_wsss.cams import NORM_EPS, cams_to_mask  # noqa: E402
-from lit_wsss.datamodules.base import read_mask  # noqa: E402
-from lit_wsss.datamodules.labels import load_cls_labels  # noqa: E402
-from lit_wsss.datamodules.voc import read_id_list  # noqa: E402
-from lit_wsss.evaluation import evaluate_cam_folder, parse_thresholds  # noqa: E402
-from lit_wsss.io import save_npz_atomic  # noqa: E402
-from lit_wsss.metrics import IGNORE_INDEX, miou_from_confusion  # noqa: E402
+from lit_wsss.cams import NORM_EPS, cams_to_mask
+from lit_wsss.datamodules.files import read_id_list, read_mask
+from lit_wsss.datamodules.labels import load_cls_labels
+from lit_wsss.evaluation import evaluate_cam_folder, parse_thresholds
+from lit_wsss.io import IGNORE_INDEX, save_npz_atomic
+from lit_wsss.metrics import miou_from_confusion
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 20

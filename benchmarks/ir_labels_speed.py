@@ -22,15 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import cv2
+import numpy as np
+from PIL import Image
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from lit_wsss.datamodules.base import read_id_list  # noqa: E402
-from lit_wsss.io import save_npz_atomic, write_json_atomic  # noqa: E402
-from lit_wsss.refine.ir_labels import _context, make_ir_labels  # noqa: E402
+from lit_wsss.datamodules.files import read_id_list
+from lit_wsss.io import save_npz_atomic, write_json_atomic
+from lit_wsss.refine.ir_labels import make_ir_labels, worker_context
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NORM_EPS = 1e-5
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = [i for name in ("train.txt", "val.txt") for i in read_id_list(root / name)][: args.limit]
     counts = [int(w) for w in args.workers.split(",")]
     load_before = os.getloadavg()[0]
-    context = _context()
+    context = worker_context()
     start_method = context.get_start_method()
     warm_seconds = None
     if not args.cold and any(w > 1 for w in counts):

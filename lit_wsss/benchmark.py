@@ -97,7 +97,7 @@ def write_split(budget: dict[str, Any], root: Path, out: Path) -> dict[str, str]
     """``<out>/lists/{train_part,eval_part}.txt`` from the budget's ``list`` and ``split``; None without a split."""
     if not budget.get("split"):
         return None
-    from lit_wsss.datamodules.base import read_id_list, resolve_list
+    from lit_wsss.datamodules.files import read_id_list, resolve_list
 
     train, evaluation = split_ids(read_id_list(resolve_list(root, str(budget.get("list", "train")))),
                                   float(budget["split"]["train"]))

@@ -30,25 +30,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_seg(pred: str | Path, root: str | Path, list_name: str, out: str | Path, num_classes: int = 20,
+             class_names: str | None = None, mask_dir: str | None = None, mean_over: str = "union",
+             progress: bool = True) -> dict:
+    """What ``lit-wsss eval-seg`` runs: :func:`lit_wsss.evaluation.evaluate_label_folder` over the ids of a split
+    list, reports written next to ``out``. Returns the result with ``reports`` (the paths)."""
+    from lit_wsss.datamodules.files import read_id_list, resolve_list
+
+    root = Path(root)
+    ids = read_id_list(resolve_list(root, list_name))
+    names = read_class_names(class_names) if class_names else None
+    result = evaluate_label_folder(pred, root, ids, num_classes, mask_dir, class_names=names, progress=progress,
+                                   mean_over=mean_over)
+    paths = write_reports(result, out)
+    return {**result, "reports": {kind: None if path is None else str(path) for kind, path in paths.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Returns 0 on success, 1 when a file is missing or malformed (the message names it)."""
-    from lit_wsss.datamodules.base import read_id_list, resolve_list
-
     args = build_parser().parse_args(argv)
     try:
-        root = Path(args.root)
-        ids = read_id_list(resolve_list(root, args.list))
-        names = read_class_names(args.class_names) if args.class_names else None
-        result = evaluate_label_folder(args.pred, root, ids, args.num_classes, args.mask_dir, class_names=names,
-                                       progress=not args.no_progress, mean_over=args.mean_over)
-        paths = write_reports(result, args.out)
+        result = eval_seg(args.pred, args.root, args.list, args.out, args.num_classes, args.class_names,
+                          args.mask_dir, args.mean_over, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         print(f"eval-seg: error: {error}", file=sys.stderr)
         return 1
     print(f"mIoU {percent(result['miou'])} % on {result['num_images']} images (over the {MEAN_OVER[args.mean_over]}); "
           f"pixel accuracy {percent(result['pixel_accuracy'])} %, mean class accuracy "
           f"{percent(result['mean_class_accuracy'])} %")
-    print("reports: " + ", ".join(str(p) for p in paths.values() if p is not None))
+    print("reports: " + ", ".join(p for p in result["reports"].values() if p is not None))
     return 0
 
 

@@ -33,35 +33,35 @@ import json
 import math
 import os
 import sys
-import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Offline-safe defaults before lit_wsss.datamodules pulls in albumentations (../shared/stack.md, "Pitfalls").
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics import Metric  # noqa: E402
-from PIL import Image  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from lit_wsss.cams import DEFAULT_BG_THRESHOLD  # noqa: E402
-from lit_wsss.datamodules.base import (  # noqa: E402  # noqa: E402
-    find_mask_folder,
-    read_id_list,
-    read_mask,
-    resolve_list,
+from lit_wsss.cam_files import cam_path, load_cam_file, read_cam_manifest
+from lit_wsss.cams import DEFAULT_BG_THRESHOLD
+from lit_wsss.datamodules.files import find_mask_folder, read_id_list, read_mask, resolve_list
+from lit_wsss.datamodules.labels import VOC_CLASSES
+from lit_wsss.io import IGNORE_INDEX, read_manifest
+from lit_wsss.metrics import (
+    ARGMAX_LABEL,
+    MEAN_OVER,
+    argmax_confusion,
+    score_block,
+    sweep_confusions,
+    sweep_summary,
+    threshold_index,
 )
-from lit_wsss.datamodules.labels import VOC_CLASSES  # noqa: E402
-from lit_wsss.io import read_manifest  # noqa: E402
-from lit_wsss.metrics import IGNORE_INDEX, iou_from_confusion, miou_from_confusion  # noqa: E402
+
+#: eval-cam's default sweep (start:stop:step, stop inclusive).
+DEFAULT_THRESHOLDS = "0.0:0.6:0.03"
 
 __all__ = [
-    "sweep_confusions",
-    "argmax_confusion",
+    "eval_cam",
     "evaluate_cam_folder",
     "evaluate_label_folder",
     "write_reports",
@@ -70,236 +70,7 @@ __all__ = [
     "main",
 ]
 
-ORACLE_LABEL = "oracle (best on these masks)"
-#: ``--mean-over``: the class set the mIoU averages over (module docstring).
-MEAN_OVER = {
-    "union": "classes with a non-empty union of prediction and ground truth (IRN, chainercv)",
-    "ground_truth": "classes present in the ground truth (VWE utils/pyutils.py)",
-}
-FIXED_LABEL = "fixed"
-ARGMAX_LABEL = "argmax over [bg, high_res] (no threshold)"
-
-
-# --------------------------------------------------------------------------------------------------- decoding
-
-
-def _as_numpy(array: Any) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
-        return array.detach().cpu().numpy()
-    return np.asarray(array)
-
-
-def _check_inputs(
-    high_res: Any, keys: Any, gt: Any, num_classes: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """numpy views of one image's CAMs, keys and ground truth, with shapes and ranges checked."""
-    cams = _as_numpy(high_res)
-    keys = _as_numpy(keys).reshape(-1)
-    gt = _as_numpy(gt)
-    if cams.ndim != 3:
-        raise ValueError(f"high_res must be (K, H, W), got shape {cams.shape}")
-    if not np.issubdtype(cams.dtype, np.floating):
-        raise ValueError(f"high_res must be floating point, got {cams.dtype}")
-    if keys.shape != (cams.shape[0],):
-        raise ValueError(f"keys has shape {keys.shape} but high_res has {cams.shape[0]} channels")
-    if keys.size and not np.issubdtype(keys.dtype, np.integer):
-        raise ValueError(f"keys must be integers, got {keys.dtype}")
-    keys = keys.astype(np.int64)
-    if keys.size and (keys.min() < 0 or keys.max() >= num_classes):
-        raise ValueError(f"keys {keys.tolist()} outside 0..{num_classes - 1} (0-based foreground indices)")
-    if gt.shape != cams.shape[1:]:
-        raise ValueError(f"ground truth is {gt.shape} (H, W) but high_res is {cams.shape[1:]}")
-    return cams, keys, gt
-
-
-def _valid_ground_truth(gt: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat mask of counted pixels (gt != 255) and their int64 labels, range-checked."""
-    flat = gt.reshape(-1)
-    valid = flat != IGNORE_INDEX
-    labels = flat[valid].astype(np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() > num_classes):
-        bad = np.setdiff1d(np.unique(labels), np.arange(num_classes + 1))
-        raise ValueError(
-            f"ground truth holds values {bad.tolist()}; expected 0..{num_classes} or {IGNORE_INDEX}"
-        )
-    return valid, labels
-
-
-def _max_argmax(cams: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per counted pixel: the max over channels and the index of its FIRST occurrence (torch/numpy argmax)."""
-    if cams.shape[0] == 1:
-        top = cams[0].reshape(-1)[valid]
-        index = np.zeros(top.shape, np.int64)
-    else:
-        top = cams.max(0).reshape(-1)[valid]
-        index = cams.argmax(0).reshape(-1)[valid]
-    if np.isnan(top).any():
-        raise ValueError("high_res contains NaN")
-    return top, index
-
-
-def sweep_confusions(
-    high_res: Any, keys: Any, gt: Any, thresholds: Sequence[float] | np.ndarray, num_classes: int
-) -> np.ndarray:
-    """Confusion matrices of one image at every background threshold, in one pass over the pixels.
-
-    Equal, integer for integer, to ``bincount(gt * (C+1) + cams_to_mask(high_res, keys, t))`` over the
-    pixels with ``gt != 255``, for each ``t``. The CAM is compared with each threshold in the CAM's own dtype
-    (float32 for the canonical files), as :func:`lit_wsss.cams.cams_to_mask` does, so ties and CAM values
-    equal to a threshold decode the same way.
-
-    Args:
-        high_res: ``(K, H, W)`` CAMs (numpy or torch), ``K`` may be 0 (everything is background).
-        keys: ``(K,)`` 0-based foreground class indices.
-        gt: ``(H, W)`` ground truth, values ``0..num_classes`` or 255 (ignored).
-        thresholds: background planes ``tau``; any order, duplicates allowed.
-        num_classes: foreground classes ``C`` (VOC: 20).
-
-    Returns:
-        ``(T, C+1, C+1)`` int64 ``[threshold, ground truth, prediction]``, in the caller's threshold order.
-    """
-    cams, keys, gt = _check_inputs(high_res, keys, gt, num_classes)
-    thr = np.asarray(thresholds, dtype=np.float64).reshape(-1)
-    if thr.size == 0:
-        raise ValueError("no thresholds given")
-    if not np.isfinite(thr).all():
-        raise ValueError(f"thresholds must be finite, got {thr.tolist()}")
-    count, n = thr.size, num_classes + 1
-    valid, labels = _valid_ground_truth(gt, num_classes)
-    out = np.zeros((count, n, n), np.int64)
-    num_keys = cams.shape[0]
-    if num_keys == 0:
-        out[:, :, 0] = np.bincount(labels, minlength=n)
-        return out
-    top, index = _max_argmax(cams, valid)
-    # Compare in the CAM dtype: cams_to_mask builds the background plane with high_res.new_full(tau).
-    planes = thr.astype(cams.dtype)
-    order = np.argsort(planes, kind="stable")
-    # bucket b = number of (sorted) thresholds strictly below m: the pixel is foreground at sorted
-    # thresholds j < b (t_j < m) and background at j >= b (m <= t_j, the plane wins ties).
-    bucket = np.searchsorted(planes[order], top, side="left")
-    joint = (labels * num_keys + index) * (count + 1) + bucket
-    hist = np.bincount(joint, minlength=n * num_keys * (count + 1)).reshape(n, num_keys, count + 1)
-    # foreground at sorted threshold j: pixels with bucket > j, a suffix sum over buckets
-    foreground = np.cumsum(hist[..., ::-1], axis=-1)[..., ::-1][..., 1:]  # (n, K, T)
-    background = (hist.sum(-1, keepdims=True) - foreground).sum(1)  # (n, T)
-    ranked = np.zeros((count, n, n), np.int64)
-    for k, key in enumerate(keys):  # a loop, not fancy indexing, so that repeated keys add up
-        ranked[:, :, key + 1] += foreground[:, k, :].T
-    ranked[:, :, 0] += background.T
-    out[order] = ranked
-    return out
-
-
-def argmax_confusion(high_res: Any, keys: Any, gt: Any, bg: Any, num_classes: int) -> np.ndarray:
-    """Confusion of one image whose method predicts its own background: ``argmax([bg, high_res_1..K])``
-    mapped through ``(0, keys + 1)`` (ties go to the background, which comes first).
-
-    Returns ``(C+1, C+1)`` int64 ``[ground truth, prediction]`` over the pixels with ``gt != 255``.
-    """
-    cams, keys, gt = _check_inputs(high_res, keys, gt, num_classes)
-    bg = _as_numpy(bg)
-    if not np.issubdtype(bg.dtype, np.floating):
-        raise ValueError(f"bg must be floating point, got {bg.dtype}")
-    if bg.shape != cams.shape[1:]:
-        raise ValueError(f"bg is {bg.shape} but high_res is {cams.shape[1:]} (H, W)")
-    n = num_classes + 1
-    valid, labels = _valid_ground_truth(gt, num_classes)
-    background = bg.reshape(-1)[valid]
-    if np.isnan(background).any():
-        raise ValueError("bg contains NaN")
-    if cams.shape[0] == 0:
-        pred = np.zeros(labels.shape, np.int64)
-    else:
-        top, index = _max_argmax(cams, valid)
-        pred = np.where(background >= top, 0, keys[index] + 1)
-    return np.bincount(labels * n + pred, minlength=n * n).reshape(n, n)
-
-
-# --------------------------------------------------------------------------------------------------- metrics
-
-
-def _nan_to_none(values: np.ndarray) -> list:
-    """Nested lists of floats with nan replaced by None (strict JSON has no NaN)."""
-    if values.ndim == 0:
-        value = float(values)
-        return None if math.isnan(value) else value  # type: ignore[return-value]
-    return [_nan_to_none(v) for v in values]
-
-
-def _nan_mean(values: np.ndarray) -> float:
-    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
-
-
-def _scores(confusion: np.ndarray, mean_over: str = "union") -> dict[str, Any]:
-    """Scores of one matrix ``C[ground truth, prediction]``: per-class IoU, precision (C_cc / column sum),
-    recall (C_cc / row sum); mIoU over the ``mean_over`` class set (:data:`MEAN_OVER`) and over both sets;
-    pixel accuracy (trace / total) and mean class accuracy (mean recall over classes in the ground truth)."""
-    if mean_over not in MEAN_OVER:
-        raise ValueError(f"mean_over must be one of {list(MEAN_OVER)}, got {mean_over!r}")
-    matrix = torch.from_numpy(confusion)
-    iou = iou_from_confusion(matrix).numpy()
-    miou_union = float(miou_from_confusion(matrix)) if not np.isnan(iou).all() else float("nan")
-    in_ground_truth = confusion.sum(1) > 0
-    miou_ground_truth = _nan_mean(np.where(in_ground_truth, iou, np.nan))
-    diagonal = confusion.diagonal().astype(np.float64)
-    total = confusion.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(confusion.sum(0) > 0, diagonal / confusion.sum(0), np.nan)
-        recall = np.where(in_ground_truth, diagonal / confusion.sum(1), np.nan)
-    return {
-        "miou": miou_union if mean_over == "union" else miou_ground_truth,
-        "miou_union": miou_union,
-        "miou_ground_truth": miou_ground_truth,
-        "pixel_accuracy": float(diagonal.sum() / total) if total else float("nan"),
-        "mean_class_accuracy": _nan_mean(recall),
-        "iou": iou,
-        "precision": precision,
-        "recall": recall,
-    }
-
-
-_SCALARS = ("miou", "miou_union", "miou_ground_truth", "pixel_accuracy", "mean_class_accuracy")
-
-
-def _block(confusion: np.ndarray, mean_over: str = "union", **extra: Any) -> dict[str, Any]:
-    scores = _scores(confusion, mean_over)
-    return {
-        **extra,
-        **{name: _nan_to_none(np.float64(scores[name])) for name in _SCALARS},
-        "iou": _nan_to_none(scores["iou"]),
-        "precision": _nan_to_none(scores["precision"]),
-        "recall": _nan_to_none(scores["recall"]),
-        "confusion": confusion.tolist(),
-    }
-
-
 # --------------------------------------------------------------------------------------------------- folder
-
-
-def _read_manifest(cams_dir: Path) -> dict[str, Any]:
-    """The CAM folder's manifest (``{}`` without one), its ``bg_threshold`` checked."""
-    path = cams_dir / "manifest.json"
-    manifest = read_manifest(cams_dir, "CAMs")
-    threshold = manifest.get("bg_threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-        raise ValueError(f"CAM manifest {path}: bg_threshold must be a number or null, got {threshold!r}")
-    return manifest
-
-
-def load_cam_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``keys``, ``high_res`` and (optional) ``bg`` of one CAM file; ``cam`` is not read."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [name for name in ("keys", "high_res") if name not in data.files]
-            if missing:
-                raise ValueError(f"missing array(s) {missing}; has {sorted(data.files)}")
-            keys = data["keys"]
-            high_res = data["high_res"]
-            bg = data["bg"] if "bg" in data.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise ValueError(f"cannot read CAM file {path}: {error}") from None
-    return keys, high_res, bg
 
 
 def _default_class_names(num_classes: int) -> list[str]:
@@ -307,51 +78,6 @@ def _default_class_names(num_classes: int) -> list[str]:
         return ["background", *VOC_CLASSES]
     foreground = [f"class_{i}" for i in range(1, num_classes + 1)]
     return ["background", *foreground]
-
-
-def threshold_index(value: float, candidates: Sequence[float]) -> int | None:
-    """Index of ``value`` among ``candidates`` (equal within 1e-12), else None."""
-    for index, candidate in enumerate(candidates):
-        if math.isclose(value, candidate, rel_tol=0.0, abs_tol=1e-12):
-            return index
-    return None
-
-
-def sweep_summary(
-    confusions: np.ndarray, thresholds: Sequence[float], fixed_threshold: float, mean_over: str = "union"
-) -> dict[str, Any]:
-    """Scores of a threshold sweep: per-threshold mIoU/IoU/precision/recall/accuracies, the oracle and the
-    fixed threshold.
-
-    Args:
-        confusions: ``(T, C+1, C+1)`` matrices for ``thresholds``, plus one more (last) for ``fixed_threshold``
-            when it is not among them.
-        thresholds: the sweep.
-        fixed_threshold: the method's default threshold (the headline number).
-        mean_over: the class set of the mIoU (:data:`MEAN_OVER`); the oracle is the best by that mIoU.
-    """
-    sweep = list(thresholds)
-    fixed_index = threshold_index(fixed_threshold, sweep)
-    scores = [_scores(matrix, mean_over) for matrix in confusions[: len(sweep)]]
-    miou = np.array([s["miou"] for s in scores])
-    best = int(np.nanargmax(miou)) if not np.isnan(miou).all() else 0  # first best: lowest such tau
-    fixed_matrix = confusions[fixed_index if fixed_index is not None else len(sweep)]
-    summary = {
-        "thresholds": sweep,
-        "mean_over": mean_over,
-        "miou": _nan_to_none(miou),
-        "pixel_accuracy": _nan_to_none(np.array([s["pixel_accuracy"] for s in scores])),
-        "mean_class_accuracy": _nan_to_none(np.array([s["mean_class_accuracy"] for s in scores])),
-        "iou": [_nan_to_none(s["iou"]) for s in scores],
-        "precision": [_nan_to_none(s["precision"]) for s in scores],
-        "recall": [_nan_to_none(s["recall"]) for s in scores],
-        "confusion": np.asarray(confusions[: len(sweep)]).tolist(),
-        "best": _block(confusions[best], mean_over, threshold=sweep[best], chosen=ORACLE_LABEL),
-        "fixed": _block(fixed_matrix, mean_over, threshold=fixed_threshold, chosen=FIXED_LABEL,
-                        in_sweep=fixed_index is not None),
-    }
-    del summary["best"]["confusion"]  # the same as confusion[best]
-    return summary
 
 
 def evaluate_cam_folder(
@@ -413,7 +139,7 @@ def evaluate_cam_folder(
     if not cams_dir.is_dir():
         raise FileNotFoundError(f"CAM folder not found: {cams_dir}")
     gt_dir = find_mask_folder(root, mask_dir)
-    manifest = _read_manifest(cams_dir)
+    manifest = read_cam_manifest(cams_dir)
     if fixed_threshold is None:  # CAMWriter writes "bg_threshold": null when the producer recorded none
         fixed_threshold = manifest.get("bg_threshold")
     if fixed_threshold is None:
@@ -422,7 +148,7 @@ def evaluate_cam_folder(
     names = _class_names(class_names, num_classes)
 
     # Fail before the long loop: every listed id needs its CAM file and its mask.
-    cam_paths = [cams_dir / f"{i}.npz" for i in ids]
+    cam_paths = [cam_path(cams_dir, i) for i in ids]
     mask_paths = [gt_dir / f"{i}.png" for i in ids]
     for image_id, path in zip(ids, cam_paths):
         if not path.is_file():
@@ -437,16 +163,16 @@ def evaluate_cam_folder(
     sweep_total = np.zeros((len(planes), n, n), np.int64)
     argmax_total = np.zeros((n, n), np.int64)
     swept = with_bg = 0
-    for image_id, cam_path, mask_path in tqdm(
+    for image_id, cam_file, mask_path in tqdm(
         list(zip(ids, cam_paths, mask_paths)), desc="eval-cam", unit="img", disable=not progress
     ):
-        keys, high_res, bg = load_cam_file(cam_path)
+        keys, high_res, bg = load_cam_file(cam_file)
         if high_res.ndim != 3:
-            raise ValueError(f"CAM file {cam_path}: high_res must be (K, H, W), got shape {high_res.shape}")
+            raise ValueError(f"CAM file {cam_file}: high_res must be (K, H, W), got shape {high_res.shape}")
         try:
             gt = read_mask(mask_path, tuple(high_res.shape[1:]), num_classes)
         except ValueError as error:
-            raise ValueError(f"id {image_id!r}: {error} -- CAM file {cam_path} has high_res of "
+            raise ValueError(f"id {image_id!r}: {error} -- CAM file {cam_file} has high_res of "
                              f"{high_res.shape[2]}x{high_res.shape[1]} (width x height)") from None
         try:
             if bg is None:
@@ -456,7 +182,7 @@ def evaluate_cam_folder(
                 argmax_total += argmax_confusion(high_res, keys, gt, bg, num_classes)
                 with_bg += 1
         except ValueError as error:
-            raise ValueError(f"CAM file {cam_path} (mask {mask_path}): {error}") from None
+            raise ValueError(f"CAM file {cam_file} (mask {mask_path}): {error}") from None
 
     result: dict[str, Any] = {
         "cams": str(cams_dir),
@@ -478,7 +204,7 @@ def evaluate_cam_folder(
                       note="every CAM file has an explicit 'bg' map: the background-threshold sweep does not "
                            "apply; only the plain argmax over [bg, high_res] is reported (bg_argmax)")
     if with_bg:
-        result["bg_argmax"] = _block(argmax_total, mean_over, chosen=ARGMAX_LABEL, num_images=with_bg)
+        result["bg_argmax"] = score_block(argmax_total, mean_over, chosen=ARGMAX_LABEL, num_images=with_bg)
         if swept:
             result["note"] = (f"mixed folder: {swept} files without 'bg' are in the sweep, {with_bg} files "
                               "with 'bg' only in bg_argmax; neither covers the whole list")
@@ -546,7 +272,7 @@ def evaluate_label_folder(
         "class_names": names,
         "mean_over": mean_over,
         "manifest": {key: value for key, value in manifest.items() if key != "images"},
-        **_block(total, mean_over),
+        **score_block(total, mean_over),
     }
 
 
@@ -791,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", default="train",
                         help="split list: a path, or a name looked up in <root>/ImageSets/Segmentation "
                              "and <root> (IRN or SIPE line format; default: train)")
-    parser.add_argument("--thresholds", default="0.0:0.6:0.03",
+    parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS,
                         help="start:stop:step (stop inclusive) or a comma list (default 0.0:0.6:0.03)")
     parser.add_argument("--out", required=True, help="result JSON; .md and .png are written beside it")
     parser.add_argument("--num-classes", type=int, default=20, help="foreground classes (default 20)")
@@ -808,6 +534,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def eval_cam(
+    cams: str | Path,
+    root: str | Path,
+    list_name: str,
+    out: str | Path,
+    thresholds: str = DEFAULT_THRESHOLDS,
+    num_classes: int = 20,
+    class_names: str | None = None,
+    mask_dir: str | None = None,
+    fixed_threshold: float | None = None,
+    mean_over: str = "union",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """What ``lit-wsss eval-cam`` runs: :func:`evaluate_cam_folder` over the ids of a split list (a path, or a
+    name under ``root``), thresholds as ``start:stop:step`` or a comma list, ``class_names`` a file; the reports
+    (JSON, Markdown, PNG) are written next to ``out``. Returns the result with ``reports`` (the paths)."""
+    root = Path(root)
+    ids = read_id_list(resolve_list(root, list_name))
+    names = read_class_names(class_names) if class_names else None
+    result = evaluate_cam_folder(cams, root, ids, parse_thresholds(thresholds), num_classes=num_classes,
+                                 mask_dir=mask_dir, fixed_threshold=fixed_threshold, class_names=names,
+                                 progress=progress, mean_over=mean_over)
+    paths = write_reports(result, out)
+    return {**result, "reports": {kind: None if path is None else str(path) for kind, path in paths.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lit-wsss eval-cam --cams DIR --root VOC_ROOT --list IDS.txt --thresholds 0.0:0.6:0.03 --out R.json``.
 
@@ -816,19 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        thresholds = parse_thresholds(args.thresholds)
+        parse_thresholds(args.thresholds)
     except ValueError as error:
         parser.error(str(error))
     try:
-        root = Path(args.root)
-        ids = read_id_list(resolve_list(root, args.list))
-        names = read_class_names(args.class_names) if args.class_names else None
-        result = evaluate_cam_folder(
-            args.cams, root, ids, thresholds, num_classes=args.num_classes, mask_dir=args.mask_dir,
-            fixed_threshold=args.fixed_threshold, class_names=names, progress=not args.no_progress,
-            mean_over=args.mean_over,
-        )
-        paths = write_reports(result, args.out)
+        result = eval_cam(args.cams, args.root, args.list, args.out, args.thresholds, args.num_classes,
+                          args.class_names, args.mask_dir, args.fixed_threshold, args.mean_over,
+                          progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as error:
         print(f"eval-cam: error: {error}", file=sys.stderr)
         return 1
@@ -845,40 +591,9 @@ def main(argv: list[str] | None = None) -> int:
               f"mIoU {percent(block['miou'])} %")
     if result.get("note"):
         print(f"note: {result['note']}")
-    print("reports: " + ", ".join(str(p) for p in paths.values() if p is not None))
+    print("reports: " + ", ".join(p for p in result["reports"].values() if p is not None))
     return 0
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-class ThresholdSweep(Metric):
-    """One confusion matrix per background threshold, accumulated in validation and summed across ranks.
-
-    ``update`` takes one image's CAMs (:func:`sweep_confusions`); ``compute`` returns the ``(T, C+1, C+1)``
-    matrices and the image count (reduced over ranks under DDP), ready for :func:`sweep_summary`.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_classes: int, thresholds: Sequence[float]) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.thresholds = [float(t) for t in thresholds]
-        size = num_classes + 1
-        self.add_state(
-            "confusion", default=torch.zeros(len(self.thresholds), size, size, dtype=torch.long),
-            dist_reduce_fx="sum",
-        )
-        self.add_state("num_images", default=torch.tensor(0), dist_reduce_fx="sum")
-
-    def update(self, high_res: torch.Tensor, keys: torch.Tensor, target: torch.Tensor) -> None:
-        matrices = sweep_confusions(
-            high_res.detach().cpu(), keys.detach().cpu(), target.detach().cpu(), self.thresholds, self.num_classes
-        )
-        self.confusion += torch.from_numpy(matrices).to(self.confusion.device)
-        self.num_images += 1
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {"confusion": self.confusion.clone(), "num_images": self.num_images.clone()}

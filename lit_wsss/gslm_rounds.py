@@ -23,18 +23,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import shlex
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 from lit_wsss.evaluation import headline
-from lit_wsss.io import read_manifest, write_json_atomic
-from lit_wsss.losses.gslm import CONF_BG_THRESHOLD, CONF_FG_THRESHOLD, GSLM_CRF_PARAMS, NUM_ROUNDS, round_thresholds
-from lit_wsss.pipeline import _configs, _fit, _tool, export_cams
+from lit_wsss.refine.ir_labels import CRF_PARAMS
+from lit_wsss.stages import StageRecorder, configs, evaluate, export_cams, fit, ir_labels
+
+#: ``conf_fg_thres`` / ``conf_bg_thres``: constant background planes of the seed cut (cls.md §2.3); the cut
+#: itself is ``lit-wsss ir-labels --convention constant``, IRN's rule, conflicts to the 0.30 cut (P7).
+CONF_FG_THRESHOLD = 0.30
+CONF_BG_THRESHOLD = 0.05
+#: ``cam_eval_thres`` and ``fuse_cam_eval_thres_inc``: evaluation threshold of round r = 0.15 + 0.1 r (§2.5).
+EVAL_THRESHOLD = 0.15
+EVAL_THRESHOLD_INCREMENT = 0.1
+#: ``fuse_cam_num_iter``: number of SLM rounds (cls.md §2.5).
+NUM_ROUNDS = 3
+#: GSLM ``net/refiner/refiner.py`` CRF_PARAMS (cls.md §2.3): IRN's CRF but Gaussian compat 10, not 3; the seeds
+#: stage passes that compat to ``ir-labels``.
+GSLM_CRF_PARAMS: dict[str, Any] = {**CRF_PARAMS, "gaussian": {**CRF_PARAMS["gaussian"], "compat": 10}}
 
 DEFAULT_ROOTS = {"synth": "data/synthetic"}
 #: Option prefixes of the Lightning CLI passed through to the stages; trainer options reach the fits only.
@@ -43,6 +56,40 @@ MODEL_DATA_OVERRIDES = ("--model.", "--data.")
 #: GSLM's export resizes CAMs straight to the image size; the GLM is the baseline CAM, IRN's rule by default.
 GLM_HIGH_RES = "--model.init_args.cam_high_res=full"
 _FALSE = ("false", "0", "null", "none")
+
+
+class RoundThresholds(NamedTuple):
+    """Thresholds used after SLM round ``r`` (cls.md §2.5)."""
+
+    #: background plane of the CAM evaluation of theta_{r+1} (0.15 + 0.1 r); also the final CAM's
+    #: threshold after the last round (§3: 0.35).
+    eval_bg: float
+    #: planes of the seed cut Y_{r+1} (§2.3), constant across rounds.
+    conf_fg: float
+    conf_bg: float
+
+
+def round_thresholds(round_index: int) -> RoundThresholds:
+    """The threshold schedule of SLM round ``r`` (0-based: r = 0, 1, 2 for ``fuse_cam_num_iter = 3``).
+
+    ``eval_bg = 0.15 + 0.1 r`` (0.15, 0.25, 0.35), rounded to 10 decimals so that logged values read
+    0.35 rather than 0.35000000000000003; ``conf_fg / conf_bg = 0.30 / 0.05`` every round. Rounds past
+    the official 3 continue the linear rise.
+
+    Raises:
+        ValueError: a negative or non-integer round index.
+    """
+    try:
+        index = operator.index(round_index)  # ints and numpy integers; not floats
+    except TypeError:
+        index = -1
+    if isinstance(round_index, bool) or index < 0:
+        raise ValueError(f"round_index must be an integer >= 0, got {round_index!r}")
+    return RoundThresholds(
+        eval_bg=round(EVAL_THRESHOLD + EVAL_THRESHOLD_INCREMENT * index, 10),
+        conf_fg=CONF_FG_THRESHOLD,
+        conf_bg=CONF_BG_THRESHOLD,
+    )
 
 
 def split_overrides(extra: list[str]) -> tuple[list[str], list[str]]:
@@ -97,9 +144,10 @@ def slm_checkpoint(out: Path, round_index: int) -> Path:
     return out / f"round{round_index}" / "slm" / "checkpoints" / "last.ckpt"
 
 
-def final_slm(data: str, root: str, configs: list[str], slm_args: str, out: Path, rounds: int) -> tuple[list[str], Path]:
+def final_slm(data: str, root: str, config_files: Sequence[str], slm_args: Sequence[str], out: Path,
+              rounds: int) -> tuple[list[str], Path]:
     """Arguments and checkpoint of the last round's SLM (to export CAMs of other ids, e.g. a held-out list)."""
-    args = (_configs(data, "gslm", configs) + [f"--data.init_args.root={root}"] + shlex.split(slm_args)
+    args = (configs(data, "gslm", config_files) + [f"--data.init_args.root={root}"] + list(slm_args)
             + [f"--model.init_args.cam_bg_threshold={round_thresholds(rounds - 1).eval_bg}"])
     return args, slm_checkpoint(out, rounds - 1)
 
@@ -143,56 +191,50 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gslm | fast_dev_run: every fit runs one batch; outputs in {out} (deleted afterwards)", flush=True)
         else:
             out = Path(args.out or f"outputs/gslm/{args.data}")
-        return _run_rounds(args, root, out, trainer_overrides, model_data_overrides)
+        run_rounds(args.data, root, out, train_list=args.train_list, eval_list=args.eval_list, rounds=args.rounds,
+                   workers=args.workers, config_files=args.config, glm_args=shlex.split(args.glm_args),
+                   slm_args=shlex.split(args.slm_args), trainer_overrides=trainer_overrides,
+                   model_data_overrides=model_data_overrides)
+    return 0
 
 
-def _run_rounds(args: argparse.Namespace, root: str, out: Path, trainer_overrides: list[str],
-                model_data_overrides: list[str]) -> int:
-    train_list, eval_list = resolve_lists(args.data, args.train_list, args.eval_list)
+def run_rounds(data: str, root: str, out: Path, *, train_list: str | None = None, eval_list: str | None = None,
+               rounds: int = NUM_ROUNDS, workers: int = 2, config_files: Sequence[str] = (),
+               glm_args: Sequence[str] = (), slm_args: Sequence[str] = (), trainer_overrides: Sequence[str] = (),
+               model_data_overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """GLM -> seeds -> SLM round 0 -> ... -> SLM round ``rounds - 1`` under ``out`` (module docstring); returns
+    the stage records (also in ``<out>/gslm.json``). ``glm_args`` / ``slm_args``: Lightning arguments of the GLM's
+    and of every round's stages; ``trainer_overrides`` reach the fits only."""
+    train_list, eval_list = resolve_lists(data, train_list, eval_list)
     out.mkdir(parents=True, exist_ok=True)
     data_args = [f"--data.init_args.root={root}"]
-    glm = (_configs(args.data, "cam", args.config) + data_args + [GLM_HIGH_RES] + shlex.split(args.glm_args)
-           + model_data_overrides)
-    slm = _configs(args.data, "gslm", args.config) + data_args + shlex.split(args.slm_args) + model_data_overrides
-    summary: list[dict[str, Any]] = []
-
-    def stage(name: str, action: Any, result: Any = None) -> None:
-        start = time.perf_counter()
-        action()
-        record = {"stage": name, "seconds": round(time.perf_counter() - start, 1), **(result() if result else {})}
-        summary.append(record)
-        print("gslm | " + " | ".join(f"{k}: {v}" for k, v in record.items()), flush=True)
-        write_json_atomic(out / "gslm.json", summary)
+    glm = configs(data, "cam", config_files) + data_args + [GLM_HIGH_RES] + [*glm_args, *model_data_overrides]
+    slm = configs(data, "gslm", config_files) + data_args + [*slm_args, *model_data_overrides]
+    stage = StageRecorder(out / "gslm.json", "gslm")
 
     def export(model_args: list[str], checkpoint: Path, ids: str, folder: Path) -> None:
         if not (folder / "manifest.json").is_file():
             export_cams(model_args, checkpoint, ids, folder)
 
-    def evaluate(cams: Path, threshold: float, result: Path) -> dict[str, Any]:
+    def scored(cams: Path, threshold: float, result: Path) -> dict[str, Any]:
         if not result.is_file():
-            num_classes = read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]
-            _tool("lit_wsss.evaluation", ["--cams", str(cams), "--root", str(root), "--list", eval_list,
-                                          "--num-classes", str(num_classes), "--fixed-threshold", str(threshold),
-                                          "--no-progress", "--out", str(result)])
+            evaluate(cams, root, eval_list, result, fixed_threshold=threshold)
         scores = headline(json.loads(result.read_text()))
         return {"mIoU": f"{100 * scores['own']:.2f} ({scores['own_rule']})",
                 "oracle": f"{100 * scores['best']:.2f} ({scores['best_rule']})"}
 
     def seeds(cams: Path, folder: Path) -> None:
-        _tool("lit_wsss.refine.ir_labels", [
-            "--cams", str(cams), "--root", str(root), "--list", train_list, "--out", str(folder),
-            "--convention", "constant", "--fg", str(CONF_FG_THRESHOLD), "--bg", str(CONF_BG_THRESHOLD),
-            "--crf-gaussian-compat", str(GSLM_CRF_PARAMS["gaussian"]["compat"]),
-            "--workers", str(args.workers), "--no-progress"])
+        ir_labels(cams, root, train_list, folder, workers, convention="constant", fg=CONF_FG_THRESHOLD,
+                  bg=CONF_BG_THRESHOLD, crf_gaussian_compat=GSLM_CRF_PARAMS["gaussian"]["compat"])
 
     glm_checkpoint = out / "glm" / "checkpoints" / "last.ckpt"
-    stage("train GLM", lambda: _fit(glm + trainer_overrides, out / "glm"),
+    stage("train GLM", lambda: fit(glm + list(trainer_overrides), out / "glm"),
           lambda: {"checkpoint": str(glm_checkpoint)})
     glm_cams = scored_cams(out, -1, train_list, eval_list)
     stage("eval GLM", lambda: export(glm, glm_checkpoint, eval_list, glm_cams),
-          lambda: evaluate(glm_cams, round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
+          lambda: scored(glm_cams, round_thresholds(0).eval_bg, out / "glm" / "eval_cams.json"))
     model_args, checkpoint = glm, glm_checkpoint
-    for r in range(args.rounds):
+    for r in range(rounds):
         folder = out / f"round{r}"
         threshold = round_thresholds(r).eval_bg
         stage(f"round {r}: CAMs", lambda: export(model_args, checkpoint, train_list, folder / "cams"))
@@ -201,12 +243,12 @@ def _run_rounds(args: argparse.Namespace, root: str, out: Path, trainer_override
                  else f"--model.init_args.init_weights={checkpoint}")
         round_args = [*slm, start, f"--data.init_args.seed_dir={folder / 'seeds'}",
                       f"--model.init_args.cam_bg_threshold={threshold}"]
-        stage(f"round {r}: train SLM", lambda: _fit(round_args + trainer_overrides, folder / "slm"))
+        stage(f"round {r}: train SLM", lambda: fit(round_args + list(trainer_overrides), folder / "slm"))
         model_args, checkpoint = round_args, slm_checkpoint(out, r)
         round_cams = scored_cams(out, r, train_list, eval_list)
         stage(f"round {r}: eval SLM", lambda: export(model_args, checkpoint, eval_list, round_cams),
-              lambda: evaluate(round_cams, threshold, folder / "eval_cams.json"))
-    return 0
+              lambda: scored(round_cams, threshold, folder / "eval_cams.json"))
+    return stage.records
 
 
 if __name__ == "__main__":

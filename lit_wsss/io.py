@@ -15,6 +15,8 @@ import numpy as np
 #: Fixed zip member time stamp: the same arrays always give the same bytes (np.savez stamps "now").
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 TMP_SUFFIX = ".tmp"
+#: The label-map value that no loss and no metric counts (VOC's object boundaries, IR labels' unsure pixels).
+IGNORE_INDEX = 255
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -38,13 +40,24 @@ def palette_png_bytes(mask: np.ndarray) -> bytes:
     """A uint8 label map encoded as a palette PNG (mode "P") with the full 256-entry VOC colour map."""
     from PIL import Image
 
-    from lit_wsss.datamodules.labels import voc_colormap
-
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8))
     image.putpalette(voc_colormap().tobytes())
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map: bit k of the index goes to bit 7 - k // 3 of channel k % 3. (n, 3) uint8."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        c, rgb = i, [0, 0, 0]
+        for j in range(8):
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = rgb
+    return cmap
 
 
 def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:

@@ -14,9 +14,9 @@ GSLM (``--method gslm``) trains in rounds: its first two stages are one, ``GSLM 
 under ``<out>/gslm``: seeds and SLM training on ``--train-list`` (default: the data set's), ``--list`` scored
 after every round), and the IRN stages start from the last round's CAMs of ``--list``.
 
-Every stage is the ordinary CLI run (``lit-wsss fit/predict``, ``eval-cam``, ``ir-labels``) with its own output
-folder under ``--out``; each stage reads the manifest of the one before (style.md P8), so a stage can also be
-rerun by hand. Finished stages are skipped on a rerun (their manifest / checkpoint exists). One summary line
+Every stage is a function of :mod:`lit_wsss.stages` (the Lightning CLI's fit/predict, and the functions that
+``eval-cam``, ``ir-labels`` and ``eval-seg`` wrap) with its own output folder under ``--out``; each stage reads
+the manifest of the one before (style.md P8), so a stage can also be rerun by hand with its command. Finished stages are skipped on a rerun (their manifest / checkpoint exists). One summary line
 per stage is printed, and ``<out>/pipeline.json`` collects them.
 """
 
@@ -26,63 +26,24 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from lit_wsss.io import read_manifest, write_json_atomic
-from lit_wsss.losses.gslm import NUM_ROUNDS
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
-
-def _configs(data: str, method: str, extra: list[str]) -> list[str]:
-    args = ["--config", str(EXPERIMENTS / data / "_base.yaml"), "--config", str(EXPERIMENTS / data / f"{method}.yaml")]
-    for path in extra:
-        args += ["--config", path]
-    return args
-
-
-#: Written by :func:`_fit` when a training run has ended: only then is ``last.ckpt`` the final checkpoint.
-FIT_DONE = "fit_done.json"
-
-
-def _fit(args: list[str], run_dir: Path) -> Path:
-    from lit_wsss.cli import run_cli
-
-    last = run_dir / "checkpoints" / "last.ckpt"
-    finished = run_dir / FIT_DONE
-    if finished.is_file() and last.is_file():
-        return last
-    # last.ckpt is saved after every epoch: without the marker it is an interrupted run, resumed where it stopped
-    resume = [f"--ckpt_path={last}"] if last.is_file() else []
-    cli = run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
-                   "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
-                   f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]", *resume])
-    if not last.is_file() and cli.trainer.fast_dev_run:
-        # Lightning turns checkpointing off in a fast dev run; the next stage still needs the weights
-        cli.trainer.save_checkpoint(last)
-    if not last.is_file():
-        raise RuntimeError(f"training finished without {last}")
-    write_json_atomic(finished, {"checkpoint": str(last), "global_step": cli.trainer.global_step,
-                                 "resumed": bool(resume)})
-    return last
-
-
-def _predict(args: list[str], out_dir: Path) -> None:
-    from lit_wsss.cli import run_cli
-
-    # default_root_dir: the config Lightning saves (config.yaml) goes beside the files it produced
-    run_cli(["predict", *args, f"--trainer.callbacks.init_args.out_dir={out_dir}",
-             f"--trainer.default_root_dir={out_dir}"])
-
-
-def export_cams(model_args: list[str], checkpoint: Path, ids: str, folder: Path) -> None:
-    """CAM files of the ids ``ids`` from ``checkpoint`` into ``folder`` (``experiments/stages/predict_cams.yaml``;
-    a rerun resumes)."""
-    _predict([*model_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
-              f"--data.init_args.predict_list={ids}", f"--ckpt_path={checkpoint}"], folder)
-
+from lit_wsss.io import write_json_atomic
+from lit_wsss.refine.ir_labels import refinement_options
+from lit_wsss.stages import (
+    EXPERIMENTS,
+    StageRecorder,
+    configs,
+    evaluate,
+    evaluate_segmentation,
+    export_cams,
+    fit,
+    ir_labels,
+    predict,
+    produced_classes,
+    segment,
+)
 
 #: The held-out split the segmentation network is scored on, by data set (``--seg-eval-list``).
 SEG_EVAL_LISTS = {"synth": "val", "voc": "val", "coco": "val2014"}
@@ -93,7 +54,7 @@ GROUND_TRUTH = "ground_truth"
 def training_mask_folder(root: Path) -> Path:
     """Ground-truth masks for training on the masks themselves: SegmentationClassAug when present (VOC's
     train_aug), else SegmentationClass."""
-    from lit_wsss.datamodules.base import GT_FOLDERS
+    from lit_wsss.datamodules.files import GT_FOLDERS
 
     for name in reversed(GT_FOLDERS):
         if (root / name).is_dir():
@@ -103,24 +64,12 @@ def training_mask_folder(root: Path) -> Path:
 
 def same_list(root: Path, first: str, second: str) -> bool:
     """Whether two list arguments (names under the root or paths) name the same file."""
-    from lit_wsss.datamodules.base import resolve_list
+    from lit_wsss.datamodules.files import resolve_list
 
     try:
         return resolve_list(root, first).resolve() == resolve_list(root, second).resolve()
     except FileNotFoundError:
         return first == second
-
-
-def _tool(module: str, argv: list[str]) -> None:
-    import importlib
-
-    _tool_main(importlib.import_module(module).main, argv)
-
-
-def _tool_main(main: Any, argv: list[str]) -> None:
-    code = main(argv)
-    if code:
-        raise RuntimeError(f"{main.__module__} {' '.join(argv)} failed with exit code {code}")
 
 
 def final_cam_model(args: argparse.Namespace, out: Path, cam_args: list[str], rounds: int) -> tuple[list[str], Path]:
@@ -129,16 +78,17 @@ def final_cam_model(args: argparse.Namespace, out: Path, cam_args: list[str], ro
         return cam_args, out / "cam" / "checkpoints" / "last.ckpt"
     from lit_wsss.gslm_rounds import final_slm
 
-    return final_slm(args.data, args.root, args.cam_config, f"{args.cam_args} {args.slm_args}", out / "gslm", rounds)
+    return final_slm(args.data, args.root, args.cam_config, shlex.split(f"{args.cam_args} {args.slm_args}"),
+                     out / "gslm", rounds)
 
 
-def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: Any,
-                       model: tuple[list[str], Path], num_classes: Any) -> None:
+def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: StageRecorder,
+                       model: tuple[list[str], Path], num_classes: int) -> None:
     """The held-out threshold mode: CAMs of ``--threshold-list`` (labelled, never trained on), the background
     threshold that scores best on THEIR masks, and the mIoU of ``--list`` at that threshold (read from the
     sweep of ``eval_cams.json``, which holds every threshold of the same sweep). Written to
     ``eval_cams_held_out.json``; a method with its own background (SIPE) has no threshold to choose."""
-    from lit_wsss.evaluation import threshold_index
+    from lit_wsss.metrics import threshold_index
 
     result_path = out / "eval_cams_held_out.json"
     train_result = json.loads((out / "eval_cams.json").read_text())
@@ -151,10 +101,8 @@ def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: A
     stage("CAMs (threshold list)", lambda: export_cams(model_args, checkpoint, args.threshold_list, folder),
           lambda: {"files": len(list(folder.glob("*.npz")))})
     chosen_path = out / "eval_cams_threshold_list.json"
-    thresholds = ["--thresholds", args.thresholds] if args.thresholds else []
-    stage("eval CAMs (threshold list)", lambda: _tool("lit_wsss.evaluation", [
-        "--cams", str(folder), "--root", args.root, "--list", args.threshold_list, "--no-progress", *thresholds,
-        *num_classes(), "--out", str(chosen_path)]),
+    stage("eval CAMs (threshold list)", lambda: evaluate(folder, args.root, args.threshold_list, chosen_path,
+                                                         num_classes, args.thresholds),
           lambda: {"chosen threshold": json.loads(chosen_path.read_text())["best"]["threshold"]})
     chosen = json.loads(chosen_path.read_text())["best"]["threshold"]
     index = threshold_index(chosen, train_result["thresholds"])
@@ -212,32 +160,27 @@ def main(argv: list[str] | None = None) -> int:
                      "(or --no-segmentation)")
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        ir_options = refinement_options(shlex.split(args.ir_args))
+    except ValueError as error:
+        parser.error(f"--ir-args: {error}")
     data_args = [f"--data.init_args.root={args.root}"]
-    cam_args = _configs(args.data, args.method, args.cam_config) + data_args + shlex.split(args.cam_args)
-    irn_args = _configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
-    cams, ir_labels, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
-    rounds = args.gslm_rounds if args.gslm_rounds is not None else NUM_ROUNDS
+    cam_args = configs(args.data, args.method, args.cam_config) + data_args + shlex.split(args.cam_args)
+    irn_args = configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
+    cams, ir_label_dir, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
+    rounds = 0  # GSLM's SLM rounds
     if args.method == "gslm":  # the SLM trains on --train-list; --list is scored and refined
-        from lit_wsss.gslm_rounds import resolve_lists, scored_cams
+        from lit_wsss.gslm_rounds import NUM_ROUNDS, resolve_lists, scored_cams
 
+        rounds = args.gslm_rounds if args.gslm_rounds is not None else NUM_ROUNDS
         seed_list, _ = resolve_lists(args.data, args.train_list, args.list)
         cams = scored_cams(out / "gslm", rounds - 1, seed_list, args.list)
-    summary: list[dict[str, Any]] = []
     encoder_config = EXPERIMENTS / args.data / f"{args.method}_encoder.yaml"
     encoder_args = ["--config", str(EXPERIMENTS / args.data / "_base.yaml"), "--config", str(encoder_config),
                     *data_args, *shlex.split(args.encoder_args)]
     if encoder_config.is_file():  # a method trained in two stages: its CAM network needs the encoder (SLAMs)
         cam_args.append(f"--model.init_args.encoder_checkpoint={out / 'encoder' / 'checkpoints' / 'last.ckpt'}")
-
-    def stage(name: str, action: Any, result: Any = None) -> None:
-        start = time.perf_counter()
-        action()
-        record = {"stage": name, "seconds": round(time.perf_counter() - start, 1)}
-        if result is not None:
-            record.update(result())
-        summary.append(record)
-        print("pipeline | " + " | ".join(f"{k}: {v}" for k, v in record.items()), flush=True)
-        write_json_atomic(out / "pipeline.json", summary)
+    stage = StageRecorder(out / "pipeline.json", "pipeline")
 
     def miou(path: Path) -> dict[str, Any]:
         from lit_wsss.evaluation import headline
@@ -249,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         return line
 
     checkpoints: dict[str, Path] = {}
-    evaluate = ["--root", args.root, "--list", args.list, "--no-progress",
-                *(["--thresholds", args.thresholds] if args.thresholds else [])]
 
-    def num_classes() -> list[str]:
-        count = args.num_classes or read_manifest(cams, "CAMs", required=True)["hparams"]["num_classes"]
-        return ["--num-classes", str(count)]
+    def num_classes() -> int:
+        """The CAM model's class count: every evaluation of the chain uses it (the CAMs must exist)."""
+        return args.num_classes or produced_classes(cams, "CAMs")
 
-    seg_args = (_configs(args.data, "deeplab", args.seg_config) + data_args
+    def scored(folder: Path, result: Path) -> None:
+        evaluate(folder, args.root, args.list, result, num_classes(), args.thresholds)
+
+    seg_args = (configs(args.data, "deeplab", args.seg_config) + data_args
                 + [f"--data.init_args.train_list={args.list}", f"--data.init_args.val_list={seg_eval_list}"]
                 + shlex.split(args.seg_args))
     segmentation = out / "segmentation"
@@ -266,16 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         labelled = [*seg_args, f"--data.init_args.seed_dir={training_labels}"]
         # no validation while training: the held-out masks are used once, for the final score
         held_out = ["--trainer.limit_val_batches=0", "--trainer.num_sanity_val_steps=0"]
-        stage("train segmentation", lambda: checkpoints.update(seg=_fit(labelled + held_out, out / "deeplab")),
+        stage("train segmentation", lambda: checkpoints.update(seg=fit(labelled + held_out, out / "deeplab")),
               lambda: {"checkpoint": str(checkpoints["seg"]), "training labels": str(training_labels)})
-        stage("segment", lambda: _predict([
-            *labelled, "--config", str(EXPERIMENTS / "stages" / "segment.yaml"),
-            f"--data.init_args.predict_list={seg_eval_list}", f"--ckpt_path={checkpoints['seg']}"], segmentation),
+        stage("segment", lambda: segment(labelled, checkpoints["seg"], seg_eval_list, segmentation),
               lambda: {"files": len(list(segmentation.glob("*.png")))})
-        count = args.num_classes or read_manifest(segmentation, "predictions", required=True)["hparams"]["num_classes"]
-        stage("eval segmentation", lambda: _tool("lit_wsss.eval_seg", [
-            "--pred", str(segmentation), "--root", args.root, "--list", seg_eval_list, "--num-classes", str(count),
-            "--no-progress", "--out", str(out / "eval_segmentation.json")]),
+        stage("eval segmentation", lambda: evaluate_segmentation(
+            segmentation, args.root, seg_eval_list, out / "eval_segmentation.json", args.num_classes),
               lambda: seg_miou(out / "eval_segmentation.json"))
 
     def seg_miou(path: Path) -> dict[str, Any]:
@@ -287,43 +227,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if encoder_config.is_file():
-        stage("train encoder", lambda: checkpoints.update(encoder=_fit(encoder_args, out / "encoder")),
+        stage("train encoder", lambda: checkpoints.update(encoder=fit(encoder_args, out / "encoder")),
               lambda: {"checkpoint": str(checkpoints["encoder"])})
     if args.method == "gslm":
-        from lit_wsss import gslm_rounds
+        from lit_wsss.gslm_rounds import run_rounds
 
-        shared = [f"--config={path}" for path in args.cam_config]
-        stage("GSLM rounds", lambda: _tool_main(gslm_rounds.main, [
-            "--data", args.data, "--root", args.root, "--train-list", seed_list, "--eval-list", args.list,
-            "--rounds", str(rounds), "--out", str(out / "gslm"), "--workers", str(args.workers), *shared,
-            f"--glm-args={args.cam_args}", f"--slm-args={args.cam_args} {args.slm_args}"]),
+        stage("GSLM rounds", lambda: run_rounds(
+            args.data, args.root, out / "gslm", train_list=seed_list, eval_list=args.list, rounds=rounds,
+            workers=args.workers, config_files=args.cam_config, glm_args=shlex.split(args.cam_args),
+            slm_args=shlex.split(f"{args.cam_args} {args.slm_args}")),
               lambda: {"files": len(list(cams.glob("*.npz")))})
     else:
-        stage("train CAM", lambda: checkpoints.update(cam=_fit(cam_args, out / "cam")),
+        stage("train CAM", lambda: checkpoints.update(cam=fit(cam_args, out / "cam")),
               lambda: {"checkpoint": str(checkpoints["cam"])})
         stage("CAMs", lambda: export_cams(cam_args, checkpoints["cam"], args.list, cams),
               lambda: {"files": len(list(cams.glob("*.npz")))})
-    stage("eval CAMs", lambda: _tool("lit_wsss.evaluation", ["--cams", str(cams), *evaluate, *num_classes(),
-                                                              "--out", str(out / "eval_cams.json")]),
-          lambda: miou(out / "eval_cams.json"))
+    stage("eval CAMs", lambda: scored(cams, out / "eval_cams.json"), lambda: miou(out / "eval_cams.json"))
     if args.threshold_list:
-        held_out_threshold(out, cams, args, stage, final_cam_model(args, out, cam_args, rounds), num_classes)
+        held_out_threshold(out, cams, args, stage, final_cam_model(args, out, cam_args, rounds), num_classes())
     if args.cams_only:
         return 0
-    stage("IR labels", lambda: _tool("lit_wsss.refine.ir_labels", [
-        "--cams", str(cams), "--root", args.root, "--list", args.list, "--out", str(ir_labels),
-        "--workers", str(args.workers), "--no-progress", *shlex.split(args.ir_args)]),
-          lambda: {"files": len(list(ir_labels.glob("*.png")))})
-    stage("train IRNet", lambda: checkpoints.update(irn=_fit(
-        [*irn_args, f"--data.init_args.ir_label_dir={ir_labels}"], out / "irn")),
+    stage("IR labels", lambda: ir_labels(cams, args.root, args.list, ir_label_dir, args.workers, **ir_options),
+          lambda: {"files": len(list(ir_label_dir.glob("*.png")))})
+    stage("train IRNet", lambda: checkpoints.update(irn=fit(
+        [*irn_args, f"--data.init_args.ir_label_dir={ir_label_dir}"], out / "irn")),
           lambda: {"checkpoint": str(checkpoints["irn"])})
-    stage("pseudo labels", lambda: _predict([
+    stage("pseudo labels", lambda: predict([
         *irn_args, "--config", str(EXPERIMENTS / "stages" / "pseudo_labels.yaml"),
-        f"--data.init_args.cam_dir={cams}", f"--data.init_args.ir_label_dir={ir_labels}",
+        f"--data.init_args.cam_dir={cams}", f"--data.init_args.ir_label_dir={ir_label_dir}",
         f"--ckpt_path={checkpoints['irn']}"], pseudo),
           lambda: {"files": len(list(pseudo.glob("*.png")))})
-    stage("eval pseudo labels", lambda: _tool("lit_wsss.evaluation", ["--cams", str(pseudo), *evaluate, *num_classes(),
-                                                                       "--out", str(out / "eval_pseudo_labels.json")]),
+    stage("eval pseudo labels", lambda: scored(pseudo, out / "eval_pseudo_labels.json"),
           lambda: miou(out / "eval_pseudo_labels.json"))
     if not args.no_segmentation:
         segmentation_stages(pseudo)

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lit_wsss.datamodules.labels import voc_colormap  # noqa: E402
+from lit_wsss.io import voc_colormap  # noqa: E402
 
 
 def colorize_mask(mask: np.ndarray) -> np.ndarray:

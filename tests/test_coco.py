@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from lit_wsss.cli import main
-from lit_wsss.datamodules.base import read_rgb
+from lit_wsss.datamodules.files import read_rgb
 from lit_wsss.datamodules.coco import (
     COCO_CLASSES,
     COCODataModule,

@@ -16,7 +16,7 @@ from lit_wsss.cams import cams_to_mask
 from lit_wsss.checkpoints import convert_official_cpn_state_dict
 from lit_wsss.cli import main
 from lit_wsss.datamodules.transforms import build_train_transform
-from lit_wsss.evaluation import ThresholdSweep
+from lit_wsss.metrics import ThresholdSweep
 from lit_wsss.modules import CPN
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

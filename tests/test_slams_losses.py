@@ -32,11 +32,9 @@ from lit_wsss.losses.slams import (
     encoder_losses,
     encoder_similarity,
     labels_with_background,
-    masked_average_pool,
     pair_images,
     pair_similarity,
     se_image,
-    segmentor_similarity_loss,
     semantic_embeddings,
     view_consistency_loss,
 )
@@ -553,39 +551,11 @@ def test_stage_b_options_and_weights():
     )
     expected = (torch.sigmoid(z) - torch.sigmoid(zf).flip(-1)).abs().mean().item()
     assert view["con"].item() == pytest.approx(expected, rel=1e-12)
-    # Optional fifth term.
-    seg = _rand(rng, 1, 4, 3).abs()
-    with_cls = activation_map_losses(
-        z, image, labels, enc, weight, se_size=(S, S), w_cls=0.5, seg_embeddings=seg
-    )
-    assert with_cls["cls"].item() == pytest.approx(
-        0.5 * segmentor_similarity_loss(seg, weight, labels).item()
-    )
     assert "cls" not in base
     with pytest.raises(ValueError, match="logits_flipped"):
         activation_map_losses(z, image, labels, enc, weight, se_size=(S, S), consistency="view")
-    with pytest.raises(ValueError, match="seg_embeddings"):
-        activation_map_losses(z, image, labels, enc, weight, se_size=(S, S), w_cls=1.0)
     with pytest.raises(ValueError, match="encoder must return"):
         activation_map_losses(z, image, labels, lambda x: enc(x)[:1], weight, se_size=(S, S))
-
-
-def test_segmentor_similarity_loss_hand_computed_and_detached():
-    weight = torch.tensor([[1.0, 0.0], [-1.0, 2.0]], dtype=DT, requires_grad=True)
-    seg = torch.tensor([[[3.0, 4.0], [1.0, 1.0]]], dtype=DT, requires_grad=True)
-    loss = segmentor_similarity_loss(seg, weight, torch.tensor([[1]]))
-    expected = -(math.log(0.6) + math.log(1 / math.sqrt(2))) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-12)
-    g_seg, g_w = _grads(loss, [seg, weight])
-    assert g_seg.abs().sum() > 0 and torch.all(g_w == 0)
-
-
-def test_masked_average_pool_hand_computed():
-    feats = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]], dtype=DT)  # (1, 1, 2, 2)
-    masks = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]], dtype=DT)
-    out = masked_average_pool(feats, masks)
-    assert out[0, 0, 0].item() == pytest.approx(5.0 / (2 + CAM_NORM_EPS))
-    assert out[0, 1, 0].item() == 0.0
 
 
 # --- §10 item 7: inference ----------------------------------------------------------------------------

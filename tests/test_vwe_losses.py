@@ -13,14 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_wsss.losses.vwe import (
-    BKG_SCORE,
     CAM_NORM_EPS,
-    DETACH_AFTER_STAGE,
     LOSS_WEIGHTS,
     MEMORY_BANK_EPS,
-    backbone_levels,
     cam_from_features,
-    cams_to_segmentation,
     decov_loss,
     fuse_flip_pair,
     hard_word_assignment,
@@ -33,7 +29,6 @@ from lit_wsss.losses.vwe import (
     multiscale_vwe_cams,
     vwe_forward,
     vwe_losses,
-    with_background,
     word_assignment,
     word_entropy,
     word_histogram,
@@ -436,8 +431,11 @@ def _stub_backbone(seed: int = 30) -> list[nn.Module]:
 def _routing(strategy: str):
     stages = _stub_backbone()
     x = torch.randn(B, 3, 16, 16, generator=_gen(31), dtype=DT)
-    levels = backbone_levels(x, stages, DETACH_AFTER_STAGE[strategy])
-    feat = levels[-1]
+    # the module's stage-2 cut (frozen stem..layer2, vwe.md §2, P3): none for memory_bank
+    f2 = stages[1](stages[0](x))
+    if strategy != "memory_bank":
+        f2 = f2.detach()
+    feat = stages[3](stages[2](f2))
     assert feat.shape == (B, D, 4, 4)
     t = _heads(32)
     heads = {k: v.requires_grad_() for k, v in t.items() if k != "features"}
@@ -492,21 +490,6 @@ def test_detach_inside_word_assignment_and_labels():
     s = word_assignment(feat, cb.requires_grad_())
     assert s.requires_grad and not word_labels(s).requires_grad
     assert not vwe_forward(feat, torch.randn(C, D, dtype=DT), cb, torch.randn(K, D, dtype=DT))["y_word"].requires_grad
-
-
-def test_backbone_levels_detach_point():
-    stages = [lambda x: x * 2.0, lambda x: x + 1.0, lambda x: x * 3.0]
-    x = torch.ones(1, 2, requires_grad=True)
-    levels = backbone_levels(x, stages, detach_after=2)
-    assert [v.tolist() for v in levels] == [[[2.0, 2.0]], [[3.0, 3.0]], [[9.0, 9.0]]]
-    assert levels[0].requires_grad and not levels[1].requires_grad and not levels[2].requires_grad
-    assert backbone_levels(x, stages, detach_after=None)[-1].requires_grad
-    assert DETACH_AFTER_STAGE == {"ijcai": 2, "learned_v2": 2, "memory_bank": None}
-    with pytest.raises(ValueError, match="detach_after"):
-        backbone_levels(x, stages, detach_after=4)
-
-
-# --- §10 item 8: memory-bank codebook ----------------------------------------------------------------
 
 
 def _clusters():
@@ -648,23 +631,3 @@ def test_multiscale_sums_scales_then_normalises():
 def test_multiscale_no_labels():
     rec = multiscale_vwe_cams(_ramp_cam_fn, torch.zeros(3, 8, 8), torch.zeros(0, dtype=torch.long), scales=(1.0,))
     assert rec["high_res"].shape == (0, 8, 8) and rec["cam"].shape == (0, 2, 2)
-
-
-# --- §4 / §10 item 7: background score ---------------------------------------------------------------
-
-
-def test_background_score_and_mask():
-    cams = torch.tensor([[[0.9, 0.10, 0.14]], [[0.5, 0.13, 0.30]]])
-    keys = torch.tensor([4, 11])
-    stacked = with_background(cams)
-    assert stacked.shape == (3, 1, 3) and torch.equal(stacked[0], torch.full((1, 3), BKG_SCORE))
-    # pixel 0 -> class 4 (id 5); pixel 1 -> background; pixel 2 -> class 11 (id 12)
-    assert cams_to_segmentation(cams, keys).tolist() == [[5, 0, 12]]
-    assert cams_to_segmentation(cams, keys, bkgscore=0.13).tolist() == [[5, 0, 12]]
-    assert cams_to_segmentation(cams, keys, bkgscore=0.6).tolist() == [[5, 0, 0]]
-    # a background-only image: bkgscore above every CAM value -> all background
-    low = torch.rand(2, 4, 5, generator=_gen(60)) * 0.139
-    assert bool((cams_to_segmentation(low, keys) == 0).all())
-    # ties go to the background (first channel of the stack)
-    assert cams_to_segmentation(torch.full((1, 1, 2), BKG_SCORE), keys[:1]).tolist() == [[0, 0]]
-    assert cams_to_segmentation(torch.zeros(0, 2, 2), keys[:0]).tolist() == [[0, 0], [0, 0]]

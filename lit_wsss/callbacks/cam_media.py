@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 
-from lit_wsss.datamodules.base import read_rgb
+from lit_wsss.datamodules.files import read_rgb
 from lit_wsss.evaluation import plot_sweep, sweep_markdown
 from lit_wsss.io import write_bytes_atomic
 from lit_wsss.visualize import cam_panel

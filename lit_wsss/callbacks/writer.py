@@ -5,13 +5,10 @@
 labels (``experiments/stages/pseudo_labels.yaml``), ``SegmentationWriter`` the segmentation network's label
 maps (``experiments/stages/segment.yaml``).
 
-CAM files (../shared/methods/protocol.md §12): ``<id>.npz`` with ``keys`` int64 (K,) 0-based foreground class
-indices, ``high_res`` float32 (K, H, W) in [0, 1], ``cam`` float32 (K, ceil(H/4), ceil(W/4)) and, for methods
-that predict their own background, ``bg`` float32 (H, W); the manifest's ``high_res_rule`` says how
-``high_res`` was sized (``padded`` = IRN, ``full`` = straight to the image size). Pseudo labels: ``<id>.png`` (palette PNG, 0..C, 255)
-and ``<id>.npz`` with ``keys`` and ``high_res`` (K, H, W) float16: the walked scores normalised by their global
-max, in the CAM layout, so ``lit-wsss eval-cam`` sweeps the background threshold without walking again. Read every ``.npz`` with
-``np.load(path, allow_pickle=False)``.
+CAM files: ``<id>.npz`` in the format of :mod:`lit_wsss.cam_files` (its writer and readers live there). Pseudo
+labels: ``<id>.png`` (palette PNG, 0..C, 255) and ``<id>.npz``, a CAM file without ``cam`` whose ``high_res``
+(float16) holds the walked scores normalised by their global max, so ``lit-wsss eval-cam`` sweeps the background
+threshold without walking again.
 
 Guarantees:
 * each file appears atomically (temporary name, then rename) and is byte-reproducible;
@@ -36,16 +33,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from lit_wsss.io import (
-    TMP_SUFFIX,
-    npz_shapes,
-    palette_png_bytes,
-    save_npz_atomic,
-    write_bytes_atomic,
-    write_json_atomic,
-)
+from lit_wsss.cam_files import CAM_ARRAYS, cam_file_info, cam_path, write_cam_file
+from lit_wsss.io import TMP_SUFFIX, palette_png_bytes, write_bytes_atomic, write_json_atomic
 
-CAM_ARRAYS = ("keys", "high_res", "cam", "bg")
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
 
@@ -202,13 +192,11 @@ class CAMWriter(ResumableWriter):
     stage = "cams"
 
     def write_record(self, record: dict[str, Any]) -> None:
-        arrays = {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record}
-        arrays["keys"] = arrays["keys"].astype(np.int64)
-        save_npz_atomic(self.out_dir / f"{record['image_id']}.npz", **arrays)
+        write_cam_file(cam_path(self.out_dir, record["image_id"]),
+                       {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record})
 
     def image_info(self, image_id: str) -> dict[str, Any]:
-        shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
-        return {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
+        return cam_file_info(cam_path(self.out_dir, image_id))
 
     def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
         cam = run.get("protocol", {}).get("cam", {})
@@ -223,17 +211,15 @@ class PseudoLabelWriter(ResumableWriter):
 
     def write_record(self, record: dict[str, Any]) -> None:
         image_id = record["image_id"]
-        arrays = {"keys": _to_numpy(record["keys"]).astype(np.int64),
-                  "high_res": _to_numpy(record["high_res"]).astype(np.float16)}
-        if "bg" in record:  # walked background of an explicit-background method (SIPE)
-            arrays["bg"] = _to_numpy(record["bg"]).astype(np.float16)
-        save_npz_atomic(self.out_dir / f"{image_id}.npz", **arrays)
+        # "bg": the walked background of an explicit-background method (SIPE)
+        write_cam_file(cam_path(self.out_dir, image_id),
+                       {name: _to_numpy(record[name]) for name in ("keys", "high_res", "bg") if name in record},
+                       high_res_dtype=np.float16)
         # the PNG marks the id as finished, so it is written last
         write_bytes_atomic(self.out_dir / f"{image_id}.png", palette_png_bytes(_to_numpy(record["labels"])))
 
     def image_info(self, image_id: str) -> dict[str, Any]:
-        shapes = npz_shapes(self.out_dir / f"{image_id}.npz")
-        return {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
+        return cam_file_info(cam_path(self.out_dir, image_id))
 
     def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
         return {"bg_threshold": run.get("protocol", {}).get("irn", {}).get("sem_seg_bg_threshold")}

@@ -1,9 +1,30 @@
-"""DataModules: VOC 2012, MS COCO 2014 and the built-in synthetic VOC-format set."""
+"""DataModules: VOC 2012, MS COCO 2014 and the built-in synthetic VOC-format set.
 
-from lit_wsss.datamodules.base import WSSSDataModule
-from lit_wsss.datamodules.coco import COCODataModule
-from lit_wsss.datamodules.irn import IRNDataModule
-from lit_wsss.datamodules.synthetic import SyntheticVOCDataModule
-from lit_wsss.datamodules.voc import VOCDataModule
+The classes are imported on first use (PEP 562), so that ``lit_wsss.datamodules.files`` and ``.labels`` (plain
+readers) can be imported by the command-line tools without Lightning and albumentations.
+"""
 
-__all__ = ["COCODataModule", "IRNDataModule", "SyntheticVOCDataModule", "VOCDataModule", "WSSSDataModule"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "COCODataModule": "coco",
+    "IRNDataModule": "irn",
+    "SyntheticVOCDataModule": "synthetic",
+    "VOCDataModule": "voc",
+    "WSSSDataModule": "base",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

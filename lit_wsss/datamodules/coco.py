@@ -40,9 +40,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule, read_id_list, resolve_list
+from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
+from lit_wsss.datamodules.files import read_id_list, resolve_list
 from lit_wsss.datamodules.labels import load_cls_labels, save_cls_labels_npz
-from lit_wsss.datamodules.transforms import IGNORE_INDEX
+from lit_wsss.io import IGNORE_INDEX
 from lit_wsss.io import palette_png_bytes, write_bytes_atomic
 
 COCO_CLASSES: tuple[str, ...] = (

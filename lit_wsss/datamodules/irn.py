@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from lit_wsss.datamodules.base import SegmentationFolderDataset, read_id_list, resolve_list
+from lit_wsss.cam_files import cam_path, read_cam_file, read_cam_manifest
+from lit_wsss.datamodules.base import SegmentationFolderDataset
+from lit_wsss.datamodules.files import read_id_list, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES
 from lit_wsss.datamodules.voc import VOCDataModule
 from lit_wsss.io import read_manifest
@@ -38,13 +40,13 @@ class CAMInputDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.images[index]
-        with np.load(self.cam_dir / f"{sample['image_id']}.npz", allow_pickle=False) as cams:
-            sample["cam"] = torch.from_numpy(cams["cam"].astype(np.float32))
-            sample["keys"] = torch.from_numpy(cams["keys"].astype(np.int64))
-            if "bg" in cams.files:
-                bg = torch.from_numpy(cams["bg"].astype(np.float32))[None, None]
-                sample["bg_cam"] = F.interpolate(bg, tuple(sample["cam"].shape[-2:]), mode="bilinear",
-                                                 align_corners=False)[0, 0]
+        cams = read_cam_file(cam_path(self.cam_dir, sample["image_id"]), ("cam", "keys", "bg"))
+        sample["cam"] = torch.from_numpy(cams["cam"].astype(np.float32))
+        sample["keys"] = torch.from_numpy(cams["keys"].astype(np.int64))
+        if "bg" in cams:
+            bg = torch.from_numpy(cams["bg"].astype(np.float32))[None, None]
+            sample["bg_cam"] = F.interpolate(bg, tuple(sample["cam"].shape[-2:]), mode="bilinear",
+                                             align_corners=False)[0, 0]
         return sample
 
     def select(self, keep: set[str]) -> CAMInputDataset:
@@ -115,7 +117,7 @@ class IRNDataModule(VOCDataModule):
         if stage == "predict":
             if self.cam_dir is None:
                 raise ValueError("pseudo labels need data.init_args.cam_dir (output of the CAM predict stage)")
-            manifest = read_manifest(self.cam_dir, "CAMs", required=True)
+            manifest = read_cam_manifest(self.cam_dir, required=True)
             ids, source = self._ids(self._explicit_predict_list, manifest, self.cam_dir)
             self.predict_dataset = CAMInputDataset(self.voc_dataset(ids, source, train=False), self.cam_dir)
         if stage in ("validate", "test"):

@@ -73,16 +73,3 @@ def save_cls_labels_npz(labels: dict[str, np.ndarray], path: str | Path) -> None
     """Write labels in lit_wsss's pickle-free format (``ids``: str array, ``labels``: (N, C) float32)."""
     ids = sorted(labels)
     save_npz_atomic(path, ids=np.array(ids), labels=np.stack([labels[i] for i in ids]).astype(np.float32))
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map: bit k of the index goes to bit 7 - k // 3 of channel k % 3. (n, 3) uint8."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = rgb
-    return cmap

@@ -62,7 +62,7 @@ import numpy as np
 
 from lit_wsss.datamodules.labels import VOC_CLASSES
 from lit_wsss.datamodules.voc import VOCDataModule
-from lit_wsss.io import palette_png_bytes
+from lit_wsss.io import IGNORE_INDEX, palette_png_bytes
 from lit_wsss.io import write_bytes_atomic as _write_atomic
 
 try:
@@ -79,7 +79,6 @@ GENERATOR_VERSION = 1  # bump when the drawing changes: older folders then count
 META_FILE = "synthetic.json"
 LOCK_FILE = ".synthetic.lock"
 ID_PREFIX = "2000_"
-IGNORE_INDEX = 255
 TWO_OBJECT_PROB = 0.4
 PART_RATIO_RANGE = (0.05, 0.10)  # part area / object area, drawn per object
 MARGIN = 4  # minimum distance (px) of an object to the image border

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
+from lit_wsss.io import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 
 def _normalise_flip_crop(crop_size: int) -> list:

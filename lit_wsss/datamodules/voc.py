@@ -5,13 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lit_wsss.datamodules.base import (
-    SegmentationFolderDataset,
-    WSSSDataModule,
-    find_mask_folder,
-    read_id_list,
-    resolve_list,
-)
+from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
+from lit_wsss.datamodules.files import find_mask_folder, read_id_list, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels
 
 

@@ -1,8 +1,8 @@
-"""GSLM (CLS): GLM CAM, bounded SLM CAM head, seed-reactivation regression, pseudo masks and rounds.
+"""GSLM (CLS): GLM CAM, bounded SLM CAM head, seed-reactivation regression and the multi-scale CAMs.
 
 Pure functions of tensors (batch-first, no module state: the classifier and pooling-head weights are
 passed in as tensors), reimplemented from ../shared/methods/cls.md §2 (forward passes, losses, multi-scale
-CAM, pseudo masks, rounds), §3 (inference), §5 (hyperparameters) and §8 (pitfalls); tests follow §10
+CAM), §3 (inference), §5 (hyperparameters) and §8 (pitfalls); tests follow §10
 items 1-7. ``C`` foreground classes (no background channel), ``A`` the raw classifier map, ``y`` the
 ``(B, C)`` foreground multi-hot labels, ``Y`` a seed map with 0 = background, ``c + 1`` = class ``c``,
 255 = ignore::
@@ -20,9 +20,9 @@ items 1-7. ``C`` foreground classes (no background channel), ``A`` the raw class
 
     GLM mixin: M = sum over 4 scales x 2 flips of bilinear_up(relu(A)) / (per-class max + 1e-5)   (§2.2)
     WAM mixin: M = mean over the 8 maps of bilinear_up(relu6(A)) / tau                  wam_multiscale_cams
-    pseudo mask: Y = keys'[CRF(argmax[0.30; M])], 255 where that is bg but keys'[CRF(argmax[0.05; M])]
-                 is not (§2.3, P7); CRF = IRN's with Gaussian compat 10          pseudo_mask, gslm_crf
-    round r = 0, 1, 2: eval threshold 0.15 + 0.1 r, seed cut 0.30 / 0.05         round_thresholds (§2.5)
+
+The seeds (§2.3, P7: IRN's IR-label cut at 0.30 / 0.05 with a CRF of Gaussian compat 10) and the round
+schedule (§2.5) are the round driver's, :mod:`lit_wsss.gslm_rounds`, which cuts seeds with ``lit-wsss ir-labels``.
 
 Second-stage network (pitfall P1): ``head="wam"`` is the network the spec calls the intended SLM
 (ReLU6 CAM, learned pooling head, WAM mixin); ``head="cam"`` is what the released ``train_fuse_cam.py``
@@ -34,15 +34,13 @@ load of the GLM weights, the per-round optimiser restart) belong to the module a
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lit_wsss.cams import DEFAULT_CAM_SCALES, CAMRecord, multiscale_cam_sums, multiscale_cams
-from lit_wsss.refine.ir_labels import crf_inference_label, ir_label
+from lit_wsss.io import IGNORE_INDEX
 
 #: Activation bound tau of the SLM: ReLU6 cap, regression target on seeds, WAM-mixin divisor (cls.md §5).
 TAU = 6.0
@@ -54,27 +52,10 @@ SEG_LOSS_WEIGHT = 0.5
 SMOOTH_L1_BETA = 1.0
 #: Output size of the adaptive pool (= kernel of the pooling conv) of the WAM head: a 512 crop at stride 16.
 WAM_POOL_SIZE = 32
-#: Seed value of pixels without supervision (the repository's convention).
-IGNORE_INDEX = 255
-#: ``conf_fg_thres`` / ``conf_bg_thres``: constant background planes of the pseudo-mask cut (cls.md §2.3).
-CONF_FG_THRESHOLD = 0.30
-CONF_BG_THRESHOLD = 0.05
-#: ``cam_eval_thres`` and ``fuse_cam_eval_thres_inc``: evaluation threshold of round r = 0.15 + 0.1 r (§2.5).
-EVAL_THRESHOLD = 0.15
-EVAL_THRESHOLD_INCREMENT = 0.1
-#: ``fuse_cam_num_iter``: number of SLM rounds (cls.md §2.5).
-NUM_ROUNDS = 3
 #: The two second-stage networks of pitfall P1: the intended WAM head and the trained plain CAM head.
 SLM_HEADS = ("wam", "cam")
 #: Reductions of L_seg: the official sum over images and present classes, or its mean (P3, corrected).
 SEG_REDUCTIONS = ("sum", "mean")
-#: GSLM ``net/refiner/refiner.py`` CRF_PARAMS (cls.md §2.3): IRN's CRF but Gaussian compat 10, not 3.
-GSLM_CRF_PARAMS: dict[str, Any] = {
-    "iterations": 10,
-    "gt_prob": 0.7,
-    "gaussian": {"sxy": 3, "compat": 10},
-    "bilateral": {"sxy": 50, "srgb": 5, "compat": 10},
-}
 #: Names of the terms returned by :func:`slm_losses` (already weighted; the caller sums them).
 LOSS_KEYS = ("cls", "seg")
 
@@ -473,123 +454,22 @@ def slm_multiscale_cams(
     return multiscale_cams(lambda x: F.relu(cam_logits_fn(x)), image, keys, scales, high_res=high_res)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pseudo masks (§2.3) and rounds (§2.5)
-# ----------------------------------------------------------------------------------------------------
-
-
-def gslm_crf(image: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """GSLM's dense CRF (cls.md §2.3, :data:`GSLM_CRF_PARAMS`): IRN's ``crf_inference_label`` with the
-    Gaussian compat 10 instead of 3; same signature as the ``crf`` argument of ``ir_label``."""
-    p = GSLM_CRF_PARAMS
-    return crf_inference_label(
-        image,
-        labels,
-        n_labels,
-        t=p["iterations"],
-        gt_prob=p["gt_prob"],
-        gauss=(p["gaussian"]["sxy"], p["gaussian"]["compat"]),
-        bilateral=(p["bilateral"]["sxy"], p["bilateral"]["srgb"], p["bilateral"]["compat"]),
-    )
-
-
-def _identity_crf(image: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    return np.asarray(labels)
-
-
-def pseudo_mask(
-    image: np.ndarray,
-    high_res: Tensor | np.ndarray,
-    keys: Tensor | np.ndarray,
-    fg_threshold: float = CONF_FG_THRESHOLD,
-    bg_threshold: float = CONF_BG_THRESHOLD,
-    crf: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = gslm_crf,
-) -> Tensor:
-    """The pseudo mask (seeds) of one image for the next round (cls.md §2.3, P7).
-
-    ``fg = keys'[CRF(argmax[fg_threshold; M])]``, ``bg = keys'[CRF(argmax[bg_threshold; M])]`` (ties to
-    the background plane), ``Y = fg``; ``Y = 255`` where ``fg`` is background but ``bg`` is not; class
-    conflicts go to ``fg``. This is exactly ``ir_label`` of ``lit_wsss.refine.ir_labels`` with the
-    ``constant`` convention, reused here; the only GSLM difference is the CRF's Gaussian compat (10).
-
-    Args:
-        image: ``(H, W, 3)`` uint8 RGB at the CAM resolution.
-        high_res: ``(K, H, W)`` CAMs of the image's classes (GLM mixin for Y_0, the SLM's mixin after each
-            round; the thresholds mean different things for the two, P2).
-        keys: ``(K,)`` 0-based class indices.
-        fg_threshold, bg_threshold: ``conf_fg_thres`` 0.30 / ``conf_bg_thres`` 0.05.
-        crf: the refiner ``crf(image, compact_labels, n_labels)``; default :func:`gslm_crf`; ``None`` = no
-            refinement (identity).
-
-    Returns:
-        ``(H, W)`` int64: 0 background, ``c + 1`` class ``c``, 255 ignore. No gradient.
-    """
-    cams = high_res.detach().cpu().float().numpy() if isinstance(high_res, Tensor) else np.asarray(high_res)
-    keys_np = keys.detach().cpu().long().numpy() if isinstance(keys, Tensor) else np.asarray(keys)
-    label = ir_label(
-        np.asarray(image), cams, keys_np, float(fg_threshold), float(bg_threshold),
-        convention="constant", crf=_identity_crf if crf is None else crf,
-    )  # fmt: skip
-    return torch.from_numpy(label.astype(np.int64))
-
-
-class RoundThresholds(NamedTuple):
-    """Thresholds used after SLM round ``r`` (cls.md §2.5)."""
-
-    #: background plane of the CAM evaluation of theta_{r+1} (0.15 + 0.1 r); also the final CAM's
-    #: threshold after the last round (§3: 0.35).
-    eval_bg: float
-    #: planes of the pseudo-mask cut Y_{r+1} (§2.3), constant across rounds.
-    conf_fg: float
-    conf_bg: float
-
-
-def round_thresholds(round_index: int) -> RoundThresholds:
-    """The threshold schedule of SLM round ``r`` (0-based: r = 0, 1, 2 for ``fuse_cam_num_iter = 3``).
-
-    ``eval_bg = 0.15 + 0.1 r`` (0.15, 0.25, 0.35), rounded to 10 decimals so that logged values read
-    0.35 rather than 0.35000000000000003; ``conf_fg / conf_bg = 0.30 / 0.05`` every round. Rounds past
-    the official 3 continue the linear rise.
-
-    Raises:
-        ValueError: a negative or non-integer round index.
-    """
-    if isinstance(round_index, bool) or not isinstance(round_index, (int, np.integer)) or round_index < 0:
-        raise ValueError(f"round_index must be an integer >= 0, got {round_index!r}")
-    return RoundThresholds(
-        eval_bg=round(EVAL_THRESHOLD + EVAL_THRESHOLD_INCREMENT * int(round_index), 10),
-        conf_fg=CONF_FG_THRESHOLD,
-        conf_bg=CONF_BG_THRESHOLD,
-    )
-
-
 __all__ = [
-    "CONF_BG_THRESHOLD",
-    "CONF_FG_THRESHOLD",
-    "EVAL_THRESHOLD",
-    "EVAL_THRESHOLD_INCREMENT",
-    "GSLM_CRF_PARAMS",
     "GSLM_EPS",
-    "IGNORE_INDEX",
     "LOSS_KEYS",
-    "NUM_ROUNDS",
     "SEG_LOSS_WEIGHT",
     "SEG_REDUCTIONS",
     "SLM_HEADS",
     "SMOOTH_L1_BETA",
     "TAU",
     "WAM_POOL_SIZE",
-    "RoundThresholds",
     "bounded_cam",
     "class_activation_map",
     "classification_loss",
     "downsample_seeds",
     "gap_logits",
     "gap_pool_weight",
-    "gslm_crf",
     "max_normalise",
-    "pseudo_mask",
-    "round_thresholds",
     "seg_loss",
     "seg_loss_terms",
     "slm_cam",

@@ -29,8 +29,8 @@ Shapes: ``C`` foreground classes, ``K = C + 1`` categories with background at in
     L_con  = "complementation" (default) [S act_cplt_loss; reading of "consistency" R]:
              sum_{n: |O|>=1} sum_{p valid} (M[b,k,p] + max_{j in O} M[b,j,p] - 1)^2 / sum_n #valid
            | "view" [R]: mean_{valid p, k} |M(x) - flip(M(flip x))|  (SEAM-style)
-    L_cls  = BCE(clamp(cos(seg_embeddings, sg(s))), y+)  [S seg_sim_loss; CNN analogue R; weight 0]
-    L      = 1.0 L_cf + 1.0 L_cb + 0.075 L_ar + 1.0 L_con (+ 0 L_cls)              [S weights; w_cls R]
+    L      = 1.0 L_cf + 1.0 L_cb + 0.075 L_ar + 1.0 L_con   [S weights; S's fifth term L_cls (seg_sim_loss)
+             needs class tokens a CNN lacks: left out, R]
 
     Inference (§4)                                                                activation_map
     A_s    = relu(Z(image_s))[:, 1:]  (logits, NOT sigmoid; background dropped, §8 P6)  cam_from_logits
@@ -79,8 +79,7 @@ W_CF = 1.0
 W_CB = 1.0
 W_AR = 0.075
 W_CON = 1.0
-W_CLS = 0.0
-#: Names of the stage-B terms (``"cls"`` only appears when ``w_cls != 0``).
+#: Names of the stage-B terms.
 STAGE_B_KEYS = ("cf", "cb", "ar", "con")
 
 Reduction = Literal["sum", "mean"]
@@ -572,51 +571,6 @@ def view_consistency_loss(masks: Tensor, masks_flipped_view: Tensor, valid: Tens
     return torch.where(v, diff, torch.zeros_like(diff)).sum() / v.sum().clamp_min(1).to(diff.dtype)
 
 
-def masked_average_pool(features: Tensor, masks: Tensor) -> Tensor:
-    """``P[b, k] = sum_p M[b,k,p] F[b,:,p] / (sum_p M[b,k,p] + 1e-5)`` [R: CNN analogue of class tokens, §3].
-
-    The input of the optional ``L_cls`` analogue: the module projects these ``(B, K, D)`` vectors to ``E``
-    and passes them as ``seg_embeddings``. Masks are resized to the features beforehand by the caller.
-
-    Args:
-        features: ``(B, D, h, w)`` segnet features.
-        masks: ``(B, K, h, w)`` masks at the same size.
-
-    Returns:
-        ``(B, K, D)``.
-    """
-    if features.dim() != 4 or masks.dim() != 4 or features.shape[0] != masks.shape[0]:
-        raise ValueError(f"features {tuple(features.shape)} and masks {tuple(masks.shape)} do not match")
-    if tuple(features.shape[-2:]) != tuple(masks.shape[-2:]):
-        raise ValueError(f"features {tuple(features.shape)} and masks {tuple(masks.shape)} differ in size")
-    num = torch.einsum("bkhw,bdhw->bkd", masks.to(features.dtype), features)
-    return num / (masks.sum(dim=(-2, -1)).to(features.dtype)[..., None] + CAM_NORM_EPS)
-
-
-def segmentor_similarity_loss(seg_embeddings: Tensor, semantic_weight: Tensor, labels: Tensor) -> Tensor:
-    """Optional fifth term ``L_cls = BCE(clamp(cos(seg_embeddings, sg(s))), y+)`` (§3).
-
-    SemFormer's ``seg_sim_loss`` [S] compares the segmentor's class-token embeddings with the frozen SE
-    semantics; SLAMs lists only four losses [A], so SLAMs-R weights it 0 and the CNN embeddings (e.g.
-    :func:`masked_average_pool` + a projection) are our analogue [R]. Same clamp and BCE as stage A.
-
-    Args:
-        seg_embeddings: ``(B, K, E)`` per-category embeddings from the segnet.
-        semantic_weight: ``(K, E)`` raw SE semantic weight (detached here).
-        labels: ``(B, C)``.
-
-    Returns:
-        Scalar tensor.
-    """
-    s = category_semantics(semantic_weight).detach()
-    if seg_embeddings.dim() != 3 or tuple(seg_embeddings.shape[1:]) != tuple(s.shape):
-        raise ValueError(
-            f"seg_embeddings {tuple(seg_embeddings.shape)} do not match semantics {tuple(s.shape)}"
-        )
-    y = _check_labels(labels, seg_embeddings.shape[0], seg_embeddings.shape[1])
-    return _bce(clamped_cosine(seg_embeddings, s[None]), y)
-
-
 def activation_map_losses(
     logits: Tensor,
     image: Tensor,
@@ -630,10 +584,8 @@ def activation_map_losses(
     w_cb: float = W_CB,
     w_ar: float = W_AR,
     w_con: float = W_CON,
-    w_cls: float = W_CLS,
     consistency: Consistency = "complementation",
     logits_flipped: Tensor | None = None,
-    seg_embeddings: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Stage-B losses of the activation-map network with the frozen SE (slams.md §3); the caller sums them.
 
@@ -645,8 +597,8 @@ def activation_map_losses(
     ``nn.Module`` encoder in training mode or with trainable parameters raises. Semantics are detached.
 
     Options: ``consistency="complementation"`` (default, [S] act_cplt_loss) or ``"view"`` ([R], needs
-    ``logits_flipped``, the logits of the horizontally flipped crop); ``w_cls`` (default 0 for SLAMs-R [R],
-    1 for SemFormer parity [S]) needs ``seg_embeddings``.
+    ``logits_flipped``, the logits of the horizontally flipped crop). SemFormer's fifth term ``L_cls`` needs
+    class-token embeddings a CNN does not have: SLAMs lists four losses [A], and SLAMs-R leaves it out [R].
 
     Args:
         logits: ``(B, K, h', w')`` segnet logits ``Z`` of the crop (any resolution; resized to ``se_size``).
@@ -656,13 +608,12 @@ def activation_map_losses(
         semantic_weight: ``(K, E)`` the SE's raw ``Embedding`` weight.
         valid: ``(B, H, W)`` bool in-image mask of the crop (rectangle), or ``None`` (no padding).
         se_size: SE input size (224).
-        w_cf, w_cb, w_ar, w_con, w_cls: term weights (1, 1, 0.075, 1, 0).
+        w_cf, w_cb, w_ar, w_con: term weights (1, 1, 0.075, 1).
         consistency: ``"complementation"`` or ``"view"``.
         logits_flipped: ``(B, K, h', w')`` logits of ``flip(image)``; only for ``consistency="view"``.
-        seg_embeddings: ``(B, K, E)``; only for ``w_cls != 0``.
 
     Returns:
-        ``{"cf", "cb", "ar", "con"}`` (+ ``"cls"`` when ``w_cls != 0``) weighted scalar tensors.
+        ``{"cf", "cb", "ar", "con"}`` weighted scalar tensors.
     """
     if logits.dim() != 4 or image.dim() != 4 or logits.shape[0] != image.shape[0]:
         raise ValueError(
@@ -673,8 +624,6 @@ def activation_map_losses(
         raise ValueError(f"consistency must be 'complementation' or 'view', got {consistency!r}")
     if consistency == "view" and (logits_flipped is None or logits_flipped.shape != logits.shape):
         raise ValueError("consistency='view' needs logits_flipped of the same shape as logits")
-    if w_cls != 0 and seg_embeddings is None:
-        raise ValueError("w_cls != 0 needs seg_embeddings")
     _check_frozen(encoder)
     b, k = logits.shape[:2]
     _check_labels(labels, b, k)
@@ -706,9 +655,6 @@ def activation_map_losses(
         flipped_valid = None if valid is None else downscale_valid(valid.flip(-1), se_size).to(logits.device)
         masks_f = activation_masks(logits_flipped, se_size, flipped_valid)
         out["con"] = w_con * view_consistency_loss(masks, masks_f, valid_se)
-    if w_cls != 0:
-        assert seg_embeddings is not None
-        out["cls"] = w_cls * segmentor_similarity_loss(seg_embeddings, semantic_weight, labels)
     return out
 
 

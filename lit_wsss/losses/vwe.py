@@ -6,7 +6,7 @@ routing), §3 (CAM inference), §4 (background score), §5 (hyper-parameters), �
 (pitfalls); tests follow §10 items 1-5, 7 and 8. Shapes: ``B`` images, ``C`` foreground classes, ``D``
 feature channels, ``K`` words, ``(h, w)`` the feature map of the last stage::
 
-    f2     = stage2(stage1(x)).detach()                      backbone_levels       (§2, P3; not memory_bank)
+    f2     = stage2(stage1(x)).detach()                      the module: frozen stem..layer2 (§2, P3; not memory_bank)
     F      = stage4(stage3(f2))                               (B, D, h, w)
     z      = [g GAP(F) + sum_s mean_cells(MaxPool_{k=floor(h/s)}(F))] / (g + |L|)   hspp (§2, P6)
     p_img  = W_cls z                                          L1 = MLSM(p_img, y)
@@ -24,7 +24,7 @@ feature channels, ``K`` words, ``(h, w)`` the feature map of the last stage::
 
 Gradient routing (§2, P3): L1 -> W_cls and F; L2 -> codebook and W_a only (F is detached inside
 :func:`word_assignment`); L3 -> W_b and F (``y_word`` carries no gradient). The detach after stage 2 is
-done by :func:`backbone_levels`. Labels are the batch convention of the datamodules: ``(B, C)`` multi-hot
+the module's (:class:`lit_wsss.modules.VWE` freezes stem..layer2). Labels are the batch convention of the datamodules: ``(B, C)`` multi-hot
 over the FOREGROUND classes (VWE has no background class in training).
 """
 
@@ -54,8 +54,6 @@ WORD_TEMPERATURE = 1.0
 CODEBOOK_INIT_A = math.sqrt(5.0)
 #: Codebook strategies (vwe.md §7).
 STRATEGIES: tuple[str, ...] = ("ijcai", "learned_v2", "memory_bank")
-#: Stage whose output is detached, per strategy (vwe.md §2, §7b, P3); ``None`` = no detach.
-DETACH_AFTER_STAGE: dict[str, int | None] = {"ijcai": 2, "learned_v2": 2, "memory_bank": None}
 #: Loss weights (vwe.md §5, §7a). ``ent`` is computed but has weight 0 in the released v2 code.
 LOSS_WEIGHTS: dict[str, float] = {"img": 1.0, "w2i": 1.0, "word": 1.0, "decov": 1.0, "ent": 0.0}
 #: EMA rate of the memory-bank codebook (vwe.md §7b: v2/train_cam_mbk.py; 0.01 is dead code).
@@ -103,42 +101,6 @@ def linear_logits(z: Tensor, weight: Tensor, name: str = "weight") -> Tensor:
     if z.dim() != 2 or z.shape[1] != w.shape[1]:
         raise ValueError(f"{name} expects (B, {w.shape[1]}) inputs, got {tuple(z.shape)}")
     return z @ w.to(z.dtype).t()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Backbone detach point (§2, §7b, P3)
-# ----------------------------------------------------------------------------------------------------
-
-
-def backbone_levels(
-    x: Tensor, stages: Sequence[Callable[[Tensor], Tensor]], detach_after: int | None = 2
-) -> list[Tensor]:
-    """Run the backbone stages in order and cut the gradient after stage ``detach_after`` (vwe.md §2, P3).
-
-    IJCAI and learned_v2: ``f2 = stage2(stage1(x)).detach()`` so stage1/stage2 get no gradient at all;
-    memory_bank: no detach (``detach_after=None``, see :data:`DETACH_AFTER_STAGE`). Freezing conv1/bn1 and
-    the frozen-statistics BatchNorm (P2) belong to the module.
-
-    Args:
-        x: ``(B, 3, H, W)`` input.
-        stages: callables ``[stage1, stage2, stage3, stage4]`` (any number >= 1).
-        detach_after: 1-based index of the stage whose output is detached, or ``None``.
-
-    Returns:
-        The output of every stage; the last one is ``F`` ``(B, D, h, w)``.
-    """
-    if len(stages) == 0:
-        raise ValueError("need at least one stage")
-    if detach_after is not None and not 1 <= detach_after <= len(stages):
-        raise ValueError(f"detach_after must be in [1, {len(stages)}] or None, got {detach_after}")
-    levels = []
-    out = x
-    for index, stage in enumerate(stages, start=1):
-        out = stage(out)
-        if index == detach_after:
-            out = out.detach()
-        levels.append(out)
-    return levels
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,7 +402,7 @@ def vwe_forward(
     """The training forward pass of vwe.md §2 after the backbone.
 
     Args:
-        features: ``(B, D, h, w)`` ``F`` (with gradient; see :func:`backbone_levels`).
+        features: ``(B, D, h, w)`` ``F``, with its gradient.
         cls_weight: ``(C, D[, 1, 1])`` image classifier ``W_cls``.
         codebook: ``(K, D[, 1, 1])``.
         word_weight: ``(K, D[, 1, 1])`` word classifier ``W_b``.
@@ -502,7 +464,7 @@ def vwe_losses(
     - ``features``: ONLY the last backbone level ``F = stage4(stage3(f2))`` ``(B, D, h, w)``, with its
       gradient (do not detach it: L1 and L3 train layer3/layer4 through it; the cosine detach is done
       here). ``f2`` must be the DETACHED stage-2 output for ijcai/learned_v2 and the plain one for
-      memory_bank: use :func:`backbone_levels` with ``DETACH_AFTER_STAGE[strategy]``. conv1/bn1 frozen
+      memory_bank (the module freezes stem..layer2, or only the stem for memory_bank). conv1/bn1 frozen
       and BatchNorm in frozen-statistics mode are the module's job (P2).
     - ``cls_weight`` ``(C, D[,1,1])``, ``word_weight`` ``(K, D[,1,1])``, ``w2i_weight`` ``(C, K[,1,1])``:
       the bias-free 1x1 conv weights (ijcai/learned_v2 need ``w2i_weight``; memory_bank ignores it).
@@ -640,38 +602,3 @@ def multiscale_vwe_cams(
     # cam_fn's output goes through fuse_flip_pair's per-pass ReLU semantics: CAMs are ReLU'd already
     return multiscale_cams(lambda x: F.relu(cam_fn(x)), image, keys, scales, flip_fusion=flip_fusion,
                            high_res=high_res)
-
-
-def with_background(cams: Tensor, bkgscore: float = BKG_SCORE) -> Tensor:
-    """Prepend the constant background score plane (vwe.md §4: 0.14 IJCAI, 0.13 v2, P8).
-
-    Args:
-        cams: ``(K, H, W)`` normalised CAMs of the present classes.
-        bkgscore: the constant background score.
-
-    Returns:
-        ``(K + 1, H, W)`` with channel 0 equal to ``bkgscore``.
-    """
-    if cams.dim() != 3:
-        raise ValueError(f"cams must be (K, H, W), got {tuple(cams.shape)}")
-    return torch.cat([cams.new_full((1, *cams.shape[-2:]), bkgscore), cams], dim=0)
-
-
-def cams_to_segmentation(cams: Tensor, keys: Tensor, bkgscore: float = BKG_SCORE) -> Tensor:
-    """Segmentation ids from CAMs (vwe.md §4): ``argmax([bkgscore, cams])`` mapped through ``(0, keys + 1)``.
-
-    Ties go to the first channel (background first), as ``np.argmax`` on the padded stack.
-
-    Args:
-        cams: ``(K, H, W)`` normalised CAMs.
-        keys: ``(K,)`` 0-based foreground class indices.
-        bkgscore: the constant background score.
-
-    Returns:
-        ``(H, W)`` int64: 0 background, ``k + 1`` for class ``k``.
-    """
-    if cams.dim() != 3 or keys.dim() != 1 or len(keys) != cams.shape[0]:
-        raise ValueError(f"need cams (K, H, W) and keys (K,), got {tuple(cams.shape)} and {tuple(keys.shape)}")
-    index = with_background(cams, bkgscore).argmax(dim=0)
-    lookup = torch.cat([keys.new_zeros(1), keys + 1]).to(device=cams.device, dtype=torch.long)
-    return lookup[index]

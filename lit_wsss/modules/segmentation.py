@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from lit_wsss.backbones import Backbone, build_backbone
 from lit_wsss.cams import scaled_flip_pairs
-from lit_wsss.datamodules.transforms import IGNORE_INDEX, denormalise
+from lit_wsss.datamodules.transforms import denormalise
+from lit_wsss.io import IGNORE_INDEX
 from lit_wsss.modules.base import WSSSModule
 
 HEADS = ("deeplabv2", "deeplabv3plus")

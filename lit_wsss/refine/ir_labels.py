@@ -60,18 +60,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Offline-safe defaults before lit_wsss.datamodules pulls in albumentations (../shared/stack.md, "Pitfalls").
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+import numpy as np
+from tqdm import tqdm
 
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from lit_wsss.datamodules.base import read_id_list, read_rgb, resolve_list  # noqa: E402
-from lit_wsss.evaluation import load_cam_file  # noqa: E402
-from lit_wsss.io import (  # noqa: E402
+from lit_wsss.cam_files import cam_path, load_cam_file, read_cam_manifest
+from lit_wsss.datamodules.files import read_id_list, read_rgb, resolve_list
+from lit_wsss.io import (
+    IGNORE_INDEX,
     TMP_SUFFIX,
     palette_png_bytes,
-    read_manifest,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -82,13 +79,15 @@ __all__ = [
     "crf_inference_label",
     "ir_label",
     "make_ir_labels",
+    "add_refinement_options",
     "build_parser",
+    "ir_labels_of_list",
     "main",
+    "refinement_options",
 ]
 
 STAGE = "ir-labels"
 MANIFEST = "manifest.json"
-IGNORE_INDEX = 255
 
 #: Background conventions, see the module docstring.
 CONVENTIONS = ("constant", "explicit", "cpn")
@@ -315,22 +314,22 @@ class _Job:
 
 def _process(job: _Job, image_id: str) -> str:
     """Read one CAM file and its image, write ``<out>/<id>.png``; errors name the files."""
-    cam_path = Path(job.cams_dir) / f"{image_id}.npz"
+    cam_file = cam_path(job.cams_dir, image_id)
     image_path = Path(job.image_dir) / f"{image_id}.jpg"
-    keys, high_res, bg = load_cam_file(cam_path)
+    keys, high_res, bg = load_cam_file(cam_file)
     if high_res.ndim != 3:
-        raise ValueError(f"CAM file {cam_path}: high_res must be (K, H, W), got shape {high_res.shape}")
+        raise ValueError(f"CAM file {cam_file}: high_res must be (K, H, W), got shape {high_res.shape}")
     image = read_rgb(image_path)
     if image.shape[:2] != high_res.shape[1:]:
         raise ValueError(f"size mismatch for id {image_id!r}: image {image_path} is {image.shape[1]}x"
-                         f"{image.shape[0]} but CAM file {cam_path} has high_res of {high_res.shape[2]}x"
+                         f"{image.shape[0]} but CAM file {cam_file} has high_res of {high_res.shape[2]}x"
                          f"{high_res.shape[1]} (width x height)")
     try:
         crf = functools.partial(crf_inference_label, gauss=(CRF_PARAMS["gaussian"]["sxy"], job.crf_gaussian_compat))
         label = ir_label(image, high_res, keys, job.fg_threshold, job.bg_threshold, bg=bg,
                          convention=job.convention, bg_factor=job.bg_factor, crf=crf)
     except ValueError as error:
-        raise ValueError(f"CAM file {cam_path} (image {image_path}): {error}") from None
+        raise ValueError(f"CAM file {cam_file} (image {image_path}): {error}") from None
     write_bytes_atomic(Path(job.out_dir) / f"{image_id}.png", palette_png_bytes(label))
     return image_id
 
@@ -341,7 +340,7 @@ def _init_worker() -> None:
     cv2.setNumThreads(1)  # one image per process: no nested thread pools on a shared machine
 
 
-def _context() -> multiprocessing.context.BaseContext:
+def worker_context() -> multiprocessing.context.BaseContext:
     """forkserver where available (safe with torch loaded, and the heavy imports are paid once by the
     server, not by every worker), else spawn."""
     if "forkserver" in multiprocessing.get_all_start_methods():
@@ -414,12 +413,12 @@ def make_ir_labels(
         raise FileNotFoundError(f"CAM folder not found: {cams_dir}")
     image_dir = root / "JPEGImages"
     for image_id in ids:  # fail before the long loop
-        if not (cams_dir / f"{image_id}.npz").is_file():
-            raise FileNotFoundError(f"no CAM file for id {image_id!r}: {cams_dir}/{image_id}.npz is missing")
+        if not cam_path(cams_dir, image_id).is_file():
+            raise FileNotFoundError(f"no CAM file for id {image_id!r}: {cam_path(cams_dir, image_id)} is missing")
         if not (image_dir / f"{image_id}.jpg").is_file():
             raise FileNotFoundError(f"no image for id {image_id!r}: {image_dir}/{image_id}.jpg is missing")
 
-    cams_manifest = {k: v for k, v in read_manifest(cams_dir).items() if k != "images"}
+    cams_manifest = {k: v for k, v in read_cam_manifest(cams_dir).items() if k != "images"}
     manifest: dict[str, Any] = {
         "stage": STAGE,
         "cams": str(cams_dir.resolve()),
@@ -482,7 +481,7 @@ def make_ir_labels(
         elif todo:
             processes = min(int(workers), len(todo))
             chunksize = max(1, min(8, len(todo) // (4 * processes)))
-            with _context().Pool(processes, initializer=_init_worker) as pool:
+            with worker_context().Pool(processes, initializer=_init_worker) as pool:
                 for _ in pool.imap_unordered(functools.partial(_process, job), todo, chunksize=chunksize):
                     bar.update()
     finally:
@@ -515,22 +514,14 @@ def _default_workers() -> int:
 def manifest_convention(cams_dir: Path) -> str:
     """The background convention a CAM folder's manifest records (``protocol.cam.background_convention``,
     written by every lit_wsss CAM export); ``constant`` for folders without one (e.g. converted files)."""
-    manifest = read_manifest(cams_dir)
+    manifest = read_cam_manifest(cams_dir)
     cam = (manifest.get("protocol") or {}).get("cam") or {}
     return str(cam.get("background_convention", "constant"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=f"lit-wsss {STAGE}",
-        description="CAMs -> confident IR labels (fg class / background / 255) with IRN's dense CRF "
-                    "(protocol.md §6.1). One palette PNG per id and a manifest.json; reruns resume.",
-    )
-    parser.add_argument("--cams", required=True, help="folder of <id>.npz CAM files")
-    parser.add_argument("--root", required=True, help="VOC-layout root with JPEGImages/")
-    parser.add_argument("--list", default="train_aug",
-                        help="split list: a path, or a name looked up in <root>/ImageSets/Segmentation and "
-                             "<root> (IRN or SIPE line format; default: train_aug)")
+def add_refinement_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that set how CAMs are cut into IR labels (shared by ``lit-wsss ir-labels`` and the
+    ``--ir-args`` of ``lit-wsss pipeline``, read by :func:`refinement_options`)."""
     parser.add_argument("--fg", type=float, default=None,
                         help=f"high-confidence background plane (constant: default {DEFAULT_FG_THRESHOLD}; "
                              "cpn: required; explicit: not allowed)")
@@ -546,6 +537,59 @@ def build_parser() -> argparse.ArgumentParser:
                              f"(default {SIPE_BG_FACTOR}, SIPE's halving)")
     parser.add_argument("--crf-gaussian-compat", type=float, default=3,
                         help="compat of the CRF's Gaussian term (IRN 3; GSLM's seeds use 10, cls.md §2.3)")
+    return parser
+
+
+REFINEMENT_OPTIONS = ("fg", "bg", "convention", "bg_factor", "crf_gaussian_compat")
+
+
+def refinement_options(argv: Sequence[str]) -> dict[str, Any]:
+    """``["--fg", "0.5", ...]`` -> keyword arguments of :func:`ir_labels_of_list`; an unknown option is an
+    error that names it."""
+    parser = add_refinement_options(argparse.ArgumentParser(prog=f"{STAGE} options", add_help=False,
+                                                            exit_on_error=False))
+    try:
+        values, unknown = parser.parse_known_args(list(argv))
+    except argparse.ArgumentError as error:
+        raise ValueError(f"IR-label options {list(argv)}: {error}") from None
+    if unknown:
+        raise ValueError(f"IR-label options: unknown {unknown}; expected some of "
+                         + ", ".join("--" + name.replace("_", "-") for name in REFINEMENT_OPTIONS))
+    return vars(values)
+
+
+def ir_labels_of_list(
+    cams_dir: str | Path,
+    root: str | Path,
+    list_name: str,
+    out_dir: str | Path,
+    *,
+    convention: str | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`make_ir_labels` of the ids of a split list (a path, or a name under ``root``); the background
+    convention defaults to the one the CAM manifest records. What ``lit-wsss ir-labels`` runs."""
+    root = Path(root)
+    ids = read_id_list(resolve_list(root, list_name))
+    convention = convention or manifest_convention(Path(cams_dir))
+    return make_ir_labels(cams_dir, root, ids, out_dir, convention=convention, workers=workers, progress=progress,
+                          **options)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"lit-wsss {STAGE}",
+        description="CAMs -> confident IR labels (fg class / background / 255) with IRN's dense CRF "
+                    "(protocol.md §6.1). One palette PNG per id and a manifest.json; reruns resume.",
+    )
+    parser.add_argument("--cams", required=True, help="folder of <id>.npz CAM files")
+    parser.add_argument("--root", required=True, help="VOC-layout root with JPEGImages/")
+    parser.add_argument("--list", default="train_aug",
+                        help="split list: a path, or a name looked up in <root>/ImageSets/Segmentation and "
+                             "<root> (IRN or SIPE line format; default: train_aug)")
+    add_refinement_options(parser)
     parser.add_argument("--out", required=True, help="output folder of <id>.png and manifest.json")
     parser.add_argument("--workers", type=int, default=_default_workers(),
                         help="processes (default: available CPUs; 1 = in-process)")
@@ -562,13 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        root = Path(args.root)
-        ids = read_id_list(resolve_list(root, args.list))
-        convention = args.convention or manifest_convention(Path(args.cams))
-        result = make_ir_labels(
-            args.cams, root, ids, args.out, fg=args.fg, bg=args.bg, convention=convention,
-            workers=args.workers, progress=not args.no_progress, bg_factor=args.bg_factor,
-            overwrite=args.overwrite, crf_gaussian_compat=args.crf_gaussian_compat,
+        result = ir_labels_of_list(
+            args.cams, args.root, args.list, args.out, workers=args.workers, progress=not args.no_progress,
+            overwrite=args.overwrite, **{name: getattr(args, name) for name in REFINEMENT_OPTIONS},
         )
     except (OSError, ValueError) as error:
         print(f"{STAGE}: error: {error}", file=sys.stderr)

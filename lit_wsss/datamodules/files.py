@@ -1,0 +1,77 @@
+"""Readers of a data set's files: RGB images, masks, split lists, the ground-truth folder.
+
+Kept apart from the DataModules (no albumentations, Lightning or torch here), so that the command-line tools
+that only read files (``eval-cam``, ``ir-labels``, ``eval-seg``) import what they use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from lit_wsss.io import IGNORE_INDEX
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """uint8 RGB image (grey images are expanded to 3 channels); a clear error for missing/corrupt files."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise OSError(f"cannot read image {path}: file missing or not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path, image_shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Segmentation ids of a palette/grey PNG, checked against the image size and the class range."""
+    try:
+        with Image.open(path) as png:
+            if png.mode not in ("P", "L"):
+                raise ValueError(f"mask {path} has PIL mode {png.mode!r}, expected a palette ('P') or grey ('L') PNG")
+            mask = np.array(png)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"mask not found: {path}") from None
+    if mask.shape != image_shape:
+        raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                         f"{image_shape[1]}x{image_shape[0]} (width x height)")
+    bad = np.setdiff1d(np.unique(mask), [*range(num_classes + 1), IGNORE_INDEX])
+    if bad.size:
+        raise ValueError(f"mask {path} holds values {bad.tolist()}; expected 0..{num_classes} or {IGNORE_INDEX}")
+    return mask
+
+
+def resolve_list(root: Path, name: str) -> Path:
+    """A split list given as a path, or as a name looked up in ``ImageSets/Segmentation`` and the root."""
+    candidates = [Path(name), root / "ImageSets" / "Segmentation" / f"{name}.txt", root / f"{name}.txt", root / name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"split list {name!r} not found; looked for " + ", ".join(map(str, candidates)))
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Image ids of a split list: IRN style (one id per line) or SIPE/CPN style
+    (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``), where the id is the first token's stem."""
+    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError(f"split list {path} is empty")
+    return ids
+
+
+#: Ground-truth folders of a VOC-style root, in the order they are tried (protocol.md §1.1, §5).
+GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
+
+
+def find_mask_folder(root: Path, mask_dir: str | Path | None = None) -> Path:
+    """The ground-truth folder: ``mask_dir`` (a path, or a name under ``root``), or with ``None`` / ``"auto"``
+    the first of :data:`GT_FOLDERS` that exists under ``root``."""
+    if mask_dir is not None and str(mask_dir) != "auto":
+        for candidate in (Path(mask_dir), root / mask_dir):
+            if candidate.is_dir():
+                return candidate
+        raise FileNotFoundError(f"mask folder not found: {mask_dir} (also looked for {root / mask_dir})")
+    for name in GT_FOLDERS:
+        if (root / name).is_dir():
+            return root / name
+    raise FileNotFoundError(f"no {' or '.join(GT_FOLDERS)} folder under {root}")
