@@ -48,6 +48,24 @@ def test_gradient_routing_on_the_network():
     assert frozen and not any(p.requires_grad for p in frozen)
 
 
+def test_head_outputs_are_the_spec_heads_on_the_modules_weights():
+    """vwe.md §2: p_img = W_cls HSPP(F), p_word = W_b GAP(F), p_w2i = W_a sum_ij S, y_word from S; the 1x1
+    convolutions of the module against the same maps written with its weight matrices."""
+    from lit_wsss.losses.vwe import hspp, word_assignment, word_labels
+
+    model = make_vwe()
+    torch.manual_seed(3)
+    features = torch.randn(2, model.backbone.out_channels, 4, 6)
+    out = model.head_outputs(features)
+    classifier, w_a, w_b = (layer.weight[:, :, 0, 0] for layer in (model.classifier, model.fc_a, model.fc_b))
+    s = word_assignment(features, model.codebook)
+    torch.testing.assert_close(out["p_img"], hspp(features) @ classifier.t())
+    torch.testing.assert_close(out["p_word"], features.mean(dim=(2, 3)) @ w_b.t())
+    torch.testing.assert_close(out["p_w2i"], s.sum(dim=(2, 3)) @ w_a.t())
+    assert torch.equal(out["y_word"], word_labels(s)) and out["y_word"].shape == (2, 16)
+    assert "p_w2i" not in make_vwe(strategy="memory_bank").head_outputs(features)
+
+
 def test_learning_rates_and_poly_schedule():
     """§10 item 6: backbone 0.01 : new layers 0.1 (classifier, codebook, W_a, W_b); poly 0.9 per step;
     effective momentum = weight decay (P1)."""

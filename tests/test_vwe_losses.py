@@ -12,22 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_wsss.cams import fuse_flip_pair, multiscale_cams
 from lit_wsss.losses.vwe import (
     CAM_NORM_EPS,
     LOSS_WEIGHTS,
     MEMORY_BANK_EPS,
-    cam_from_features,
     decov_loss,
-    fuse_flip_pair,
     hard_word_assignment,
     hspp,
     init_codebook,
-    linear_logits,
     memory_bank_init,
     memory_bank_step,
     memory_bank_update,
-    multiscale_vwe_cams,
-    vwe_forward,
     vwe_losses,
     word_assignment,
     word_entropy,
@@ -285,10 +281,26 @@ def _heads(seed: int = 20) -> dict[str, torch.Tensor]:
     }
 
 
+def _outputs(features, cls_weight, codebook, word_weight, w2i_weight=None, normalise_histogram=False,
+             word_valid=None):
+    """The VWE heads written with matrices (the module uses 1x1 convolutions: VWE.head_outputs)."""
+    assignment = word_assignment(features, codebook)
+    out = {"p_img": hspp(features) @ cls_weight.reshape(C, -1).t(),
+           "y_word": word_labels(assignment, word_valid),
+           "p_word": features.mean(dim=(-2, -1)) @ word_weight.reshape(K, -1).t()}
+    if w2i_weight is not None:
+        out["p_w2i"] = word_histogram(assignment, normalise_histogram) @ w2i_weight.reshape(C, -1).t()
+    return out
+
+
+def _losses(t, labels, strategy="ijcai", weights=None, **options):
+    return vwe_losses(_outputs(**t, **options), labels, strategy, codebook=t["codebook"], weights=weights)
+
+
 def test_vwe_losses_match_explicit_loops():
     t = _heads()
     y = _labels()
-    losses = vwe_losses(**t, labels=y)
+    losses = _losses(t, y)
     assert set(losses) == {"img", "w2i", "word"}
     feat = t["features"]
     # L1: HSPP features -> classifier
@@ -321,39 +333,28 @@ def test_vwe_losses_match_explicit_loops():
     assert losses["word"].item() == pytest.approx(_mlsm_loop(p_word, y_word), abs=1e-10)
 
 
-def test_vwe_forward_outputs():
-    t = _heads(21)
-    out = vwe_forward(**t)
-    assert out["p_img"].shape == (B, C) and out["p_w2i"].shape == (B, C)
-    assert out["p_word"].shape == (B, K) and out["y_word"].shape == (B, K) and out["hist"].shape == (B, K)
-    assert out["assignment"].shape == (B, K, 4, 4)
-    torch.testing.assert_close(out["p_w2i"], out["hist"] @ t["w2i_weight"].t())
-    no_w2i = vwe_forward(**{**t, "w2i_weight": None})
-    assert "hist" not in no_w2i and "p_w2i" not in no_w2i
-
-
 def test_strategies_weights_and_options():
     t = _heads(22)
     y = _labels()
-    base = vwe_losses(**t, labels=y)
-    learned = vwe_losses(**t, labels=y, strategy="learned_v2")
+    base = _losses(t, y)
+    learned = _losses(t, y, strategy="learned_v2")
     assert set(learned) == {"img", "w2i", "word", "decov"}
     assert learned["decov"].item() == pytest.approx(decov_loss(t["codebook"]).item(), rel=1e-12)
     for key in base:
         assert learned[key].item() == pytest.approx(base[key].item(), rel=1e-12)
-    mbk = vwe_losses(**{**t, "w2i_weight": None}, labels=y, strategy="memory_bank")
+    mbk = _losses({**t, "w2i_weight": None}, y, strategy="memory_bank")
     assert set(mbk) == {"img", "word"}  # L = L1 + L3 (§7b)
     assert mbk["img"].item() == pytest.approx(base["img"].item(), rel=1e-12)
     # weights are applied, and the zero-weight entropy appears only when switched on
-    w = vwe_losses(**t, labels=y, strategy="learned_v2", weights={"img": 0.5, "decov": 2.0, "ent": 0.25})
+    w = _losses(t, y, strategy="learned_v2", weights={"img": 0.5, "decov": 2.0, "ent": 0.25})
     assert w["img"].item() == pytest.approx(0.5 * base["img"].item(), rel=1e-12)
     assert w["decov"].item() == pytest.approx(2.0 * learned["decov"].item(), rel=1e-12)
-    p_word = linear_logits(t["features"].mean(dim=(-2, -1)), t["word_weight"])
+    p_word = _outputs(**t)["p_word"]
     assert w["ent"].item() == pytest.approx(0.25 * word_entropy(p_word).item(), rel=1e-12)
     assert LOSS_WEIGHTS["ent"] == 0.0 and "ent" not in learned
     # histogram as a mean: p_w2i divided by h*w = 16, so L2 changes (P4)
-    mean_hist = vwe_losses(**t, labels=y, normalise_histogram=True)
-    p_w2i = vwe_forward(**t)["p_w2i"] / 16
+    mean_hist = _losses(t, y, normalise_histogram=True)
+    p_w2i = _outputs(**t)["p_w2i"] / 16
     assert mean_hist["w2i"].item() == pytest.approx(F.multilabel_soft_margin_loss(p_w2i, y).item(), rel=1e-12)
     assert mean_hist["w2i"].item() != pytest.approx(base["w2i"].item(), rel=1e-6)
 
@@ -362,21 +363,18 @@ def test_vwe_losses_errors():
     t = _heads(23)
     y = _labels()
     with pytest.raises(ValueError, match="unknown codebook strategy"):
-        vwe_losses(**t, labels=y, strategy="kmeans")
-    with pytest.raises(ValueError, match="needs w2i_weight"):
-        vwe_losses(**{**t, "w2i_weight": None}, labels=y)
+        _losses(t, y, strategy="kmeans")
+    with pytest.raises(ValueError, match="needs p_w2i"):
+        _losses({**t, "w2i_weight": None}, y)
     with pytest.raises(ValueError, match="labels must be"):
-        vwe_losses(**t, labels=torch.zeros(B, C + 1, dtype=DT))
+        _losses(t, torch.zeros(B, C + 1, dtype=DT))
     with pytest.raises(ValueError, match="unknown loss weights"):
-        vwe_losses(**t, labels=y, weights={"cls": 1.0})
-    with pytest.raises(ValueError, match="codebook has dim"):
-        vwe_losses(**{**t, "codebook": torch.zeros(K, D + 1, dtype=DT)}, labels=y)
-    with pytest.raises(ValueError, match="word_weight must have"):
-        vwe_losses(**{**t, "word_weight": torch.zeros(K + 1, D, dtype=DT)}, labels=y)
-    with pytest.raises(ValueError, match="cls_weight expects"):
-        vwe_losses(**{**t, "cls_weight": torch.zeros(C, D + 2, dtype=DT)}, labels=y)
-    with pytest.raises(ValueError, match="1x1 conv weight"):
-        vwe_losses(**{**t, "w2i_weight": torch.zeros(C, K, 3, 3, dtype=DT)}, labels=y)
+        _losses(t, y, weights={"cls": 1.0})
+    with pytest.raises(ValueError, match="needs the codebook"):
+        vwe_losses(_outputs(**t), y, "learned_v2")
+    outputs = _outputs(**t)
+    with pytest.raises(ValueError, match="p_word .* and y_word .* differ"):
+        vwe_losses({**outputs, "y_word": outputs["y_word"][:, :-1]}, y)
 
 
 def test_word_valid_flag_changes_only_word_loss():
@@ -384,10 +382,10 @@ def test_word_valid_flag_changes_only_word_loss():
     y = _labels()
     valid = torch.ones(B, 4, 4, dtype=torch.bool)
     valid[:, :, 2:] = False
-    a, b = vwe_losses(**t, labels=y), vwe_losses(**t, labels=y, word_valid=valid)
+    a, b = _losses(t, y), _losses(t, y, word_valid=valid)
     assert a["img"].item() == b["img"].item() and a["w2i"].item() == b["w2i"].item()
     s = word_assignment(t["features"], t["codebook"])
-    expected = F.multilabel_soft_margin_loss(vwe_forward(**t)["p_word"], word_labels(s[..., :2]))
+    expected = F.multilabel_soft_margin_loss(_outputs(**t)["p_word"], word_labels(s[..., :2]))
     assert b["word"].item() == pytest.approx(expected.item(), rel=1e-12)
 
 
@@ -442,7 +440,7 @@ def _routing(strategy: str):
     if strategy == "memory_bank":
         heads["codebook"].requires_grad_(False)  # a buffer
         heads["w2i_weight"] = None
-    losses = vwe_losses(feat, labels=_labels(), strategy=strategy, **heads)
+    losses = vwe_losses(_outputs(feat, **heads), _labels(), strategy, codebook=heads["codebook"])
     early = [p for s in stages[:2] for p in s.parameters()]
     late = [p for s in stages[2:] for p in s.parameters()]
     return losses, feat, heads, early, late
@@ -489,7 +487,7 @@ def test_detach_inside_word_assignment_and_labels():
     assert not word_assignment(feat, cb).requires_grad  # features detached, codebook constant
     s = word_assignment(feat, cb.requires_grad_())
     assert s.requires_grad and not word_labels(s).requires_grad
-    assert not vwe_forward(feat, torch.randn(C, D, dtype=DT), cb, torch.randn(K, D, dtype=DT))["y_word"].requires_grad
+    assert not _outputs(feat, torch.randn(C, D, dtype=DT), cb, torch.randn(K, D, dtype=DT))["y_word"].requires_grad
 
 
 def _clusters():
@@ -554,26 +552,19 @@ def test_memory_bank_init_and_step():
 # --- §10 item 5 and §3: CAM inference ----------------------------------------------------------------
 
 
-def test_cam_from_features_loop():
-    feat = torch.randn(2, D, 2, 3, generator=_gen(50), dtype=DT)
-    wc = torch.randn(C, D, 1, 1, generator=_gen(51), dtype=DT)
-    cam = cam_from_features(feat, wc)
-    for n in range(2):
-        for c in range(C):
-            for i in range(2):
-                for j in range(3):
-                    v = sum(wc[c, d, 0, 0].item() * feat[n, d, i, j].item() for d in range(D))
-                    assert cam[n, c, i, j].item() == pytest.approx(max(v, 0.0), abs=1e-12)
-
-
 def test_fuse_flip_pair_max_and_sum():
     a0 = torch.tensor([[[1.0, 5.0, -2.0]]], dtype=DT)
     a1 = torch.tensor([[[4.0, 0.5, 3.0]]], dtype=DT)  # flip back -> (3, 0.5, 4)
     pair = torch.stack([a0, a1])
-    assert fuse_flip_pair(pair).tolist() == [[[3.0, 5.0, 4.0]]]
-    assert fuse_flip_pair(pair, "sum").tolist() == [[[4.0, 5.5, 4.0]]]  # relu per pass first
+    assert fuse_flip_pair(F.relu(pair), "max").tolist() == [[[3.0, 5.0, 4.0]]]
+    assert fuse_flip_pair(F.relu(pair), "sum").tolist() == [[[4.0, 5.5, 4.0]]]  # relu per pass first
     with pytest.raises(ValueError, match="flip fusion"):
         fuse_flip_pair(pair, "mean")
+
+
+def multiscale_vwe_cams(cam_fn, image, keys, scales, flip_fusion="max"):  # noqa: ANN001, ANN201
+    """VWE's inference (vwe.md §3) as VWE.infer_cams calls it: ReLU per pass, flip max, sizes straight to H x W."""
+    return multiscale_cams(lambda x: F.relu(cam_fn(x)), image, keys, scales, flip_fusion=flip_fusion, high_res="full")
 
 
 def _ramp_cam_fn(batch: torch.Tensor) -> torch.Tensor:

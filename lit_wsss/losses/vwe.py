@@ -1,10 +1,11 @@
-"""VWE core: visual-word encoding, HSPP, the three classification losses, VWL options and CAM inference.
+"""VWE core: visual-word encoding, HSPP, the three classification losses and the VWL codebook options.
 
-Pure functions of tensors (batch-first, no module state: the codebook and the 1x1 classifier weights are
-passed in as tensors), reimplemented from ../shared/methods/vwe.md §2 (forward pass, losses, gradient
-routing), §3 (CAM inference), §4 (background score), §5 (hyper-parameters), §7 (VWL options) and §8
-(pitfalls); tests follow §10 items 1-5, 7 and 8. Shapes: ``B`` images, ``C`` foreground classes, ``D``
-feature channels, ``K`` words, ``(h, w)`` the feature map of the last stage::
+Pure functions of tensors (batch-first, no module state), reimplemented from ../shared/methods/vwe.md §2
+(forward pass, losses, gradient routing), §5 (hyper-parameters), §7 (VWL options) and §8 (pitfalls); tests
+follow §10 items 1-5 and 8. The heads themselves (the 1x1 convolutions W_cls, W_a, W_b) are the module's
+(:meth:`lit_wsss.modules.VWE.head_outputs`); :func:`vwe_losses` takes their outputs. CAM inference (§3) is
+the shared :func:`lit_wsss.cams.multiscale_cams` with VWE's max flip fusion. Shapes: ``B`` images, ``C``
+foreground classes, ``D`` feature channels, ``K`` words, ``(h, w)`` the feature map of the last stage::
 
     f2     = stage2(stage1(x)).detach()                      the module: frozen stem..layer2 (§2, P3; not memory_bank)
     F      = stage4(stage3(f2))                               (B, D, h, w)
@@ -24,23 +25,20 @@ feature channels, ``K`` words, ``(h, w)`` the feature map of the last stage::
 
 Gradient routing (§2, P3): L1 -> W_cls and F; L2 -> codebook and W_a only (F is detached inside
 :func:`word_assignment`); L3 -> W_b and F (``y_word`` carries no gradient). The detach after stage 2 is
-the module's (:class:`lit_wsss.modules.VWE` freezes stem..layer2). Labels are the batch convention of the datamodules: ``(B, C)`` multi-hot
-over the FOREGROUND classes (VWE has no background class in training).
+the module's (:class:`lit_wsss.modules.VWE` freezes stem..layer2). Labels are the batch convention of the
+datamodules: ``(B, C)`` multi-hot over the FOREGROUND classes (VWE has no background class in training).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from lit_wsss.losses.common import as_matrix
-
-from lit_wsss.cams import CAMRecord, multiscale_cams
-from lit_wsss.cams import fuse_flip_pair as fuse_cams
 
 #: Codebook size (vwe.md §5; ``Net(k_words=256)``).
 NUM_WORDS = 256
@@ -84,23 +82,6 @@ def _check_features(features: Tensor) -> None:
 def _check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown codebook strategy {strategy!r}; expected one of {STRATEGIES}")
-
-
-def linear_logits(z: Tensor, weight: Tensor, name: str = "weight") -> Tensor:
-    """Bias-free linear head ``z W^T`` (the official 1x1 convs on a ``1 x 1`` map).
-
-    Args:
-        z: ``(B, I)`` pooled features or histogram.
-        weight: ``(O, I)`` or ``(O, I, 1, 1)``.
-        name: name used in error messages.
-
-    Returns:
-        ``(B, O)`` logits.
-    """
-    w = as_matrix(weight, name)
-    if z.dim() != 2 or z.shape[1] != w.shape[1]:
-        raise ValueError(f"{name} expects (B, {w.shape[1]}) inputs, got {tuple(z.shape)}")
-    return z @ w.to(z.dtype).t()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,66 +367,12 @@ def memory_bank_step(
 # ----------------------------------------------------------------------------------------------------
 
 
-def vwe_forward(
-    features: Tensor,
-    cls_weight: Tensor,
-    codebook: Tensor,
-    word_weight: Tensor,
-    w2i_weight: Tensor | None = None,
-    gamma: float = HSPP_GAMMA,
-    levels: Sequence[int] = HSPP_LEVELS,
-    temperature: float = WORD_TEMPERATURE,
-    normalise_histogram: bool = False,
-    adaptive_cells: bool = False,
-    word_valid: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """The training forward pass of vwe.md §2 after the backbone.
-
-    Args:
-        features: ``(B, D, h, w)`` ``F``, with its gradient.
-        cls_weight: ``(C, D[, 1, 1])`` image classifier ``W_cls``.
-        codebook: ``(K, D[, 1, 1])``.
-        word_weight: ``(K, D[, 1, 1])`` word classifier ``W_b``.
-        w2i_weight: ``(C, K[, 1, 1])`` word-to-image head ``W_a``, or ``None`` (no ``p_w2i``/``hist``).
-        gamma, levels, adaptive_cells: see :func:`hspp`.
-        temperature: see :func:`word_assignment`.
-        normalise_histogram: see :func:`word_histogram`.
-        word_valid: see :func:`word_labels`.
-
-    Returns:
-        ``p_img (B, C)``, ``assignment (B, K, h, w)``, ``y_word (B, K)``, ``p_word (B, K)`` and, when
-        ``w2i_weight`` is given, ``hist (B, K)`` and ``p_w2i (B, C)``.
-    """
-    _check_features(features)
-    k = as_matrix(codebook, "codebook").shape[0]
-    if as_matrix(word_weight, "word_weight").shape[0] != k:
-        raise ValueError(f"word_weight must have K = {k} rows, got {tuple(word_weight.shape)}")
-    out = {"p_img": linear_logits(hspp(features, gamma, levels, adaptive_cells), cls_weight, "cls_weight")}
-    assignment = word_assignment(features, codebook, temperature)
-    out["assignment"] = assignment
-    out["y_word"] = word_labels(assignment, word_valid)
-    out["p_word"] = linear_logits(features.mean(dim=(-2, -1)), word_weight, "word_weight")
-    if w2i_weight is not None:
-        out["hist"] = word_histogram(assignment, normalise_histogram)
-        out["p_w2i"] = linear_logits(out["hist"], w2i_weight, "w2i_weight")
-    return out
-
-
 def vwe_losses(
-    features: Tensor,
-    cls_weight: Tensor,
-    codebook: Tensor,
-    word_weight: Tensor,
-    w2i_weight: Tensor | None,
+    outputs: Mapping[str, Tensor],
     labels: Tensor,
     strategy: str = "ijcai",
+    codebook: Tensor | None = None,
     weights: Mapping[str, float] | None = None,
-    gamma: float = HSPP_GAMMA,
-    levels: Sequence[int] = HSPP_LEVELS,
-    temperature: float = WORD_TEMPERATURE,
-    normalise_histogram: bool = False,
-    adaptive_cells: bool = False,
-    word_valid: Tensor | None = None,
     decov_squared: bool = False,
 ) -> dict[str, Tensor]:
     """All VWE loss terms, already weighted (vwe.md §2, §5, §7); ``L = sum(dict.values())``.
@@ -453,35 +380,21 @@ def vwe_losses(
     Every term is :func:`torch.nn.functional.multilabel_soft_margin_loss` (mean over classes, then batch;
     for L3 a mean over the ``K`` words, P14)::
 
-        img  = w_img  MLSM(W_cls HSPP(F), y)               # L1
-        w2i  = w_w2i  MLSM(W_a hist(S(sg(F), codebook)), y) # L2   (ijcai, learned_v2)
-        word = w_word MLSM(W_b GAP(F), sg(y_word))          # L3
-        decov = w_decov decov_loss(codebook)                # learned_v2 only
-        ent  = w_ent word_entropy(p_word)                   # only when w_ent != 0 (0 in the code)
-
-    Module contract (what the caller passes):
-
-    - ``features``: ONLY the last backbone level ``F = stage4(stage3(f2))`` ``(B, D, h, w)``, with its
-      gradient (do not detach it: L1 and L3 train layer3/layer4 through it; the cosine detach is done
-      here). ``f2`` must be the DETACHED stage-2 output for ijcai/learned_v2 and the plain one for
-      memory_bank (the module freezes stem..layer2, or only the stem for memory_bank). conv1/bn1 frozen
-      and BatchNorm in frozen-statistics mode are the module's job (P2).
-    - ``cls_weight`` ``(C, D[,1,1])``, ``word_weight`` ``(K, D[,1,1])``, ``w2i_weight`` ``(C, K[,1,1])``:
-      the bias-free 1x1 conv weights (ijcai/learned_v2 need ``w2i_weight``; memory_bank ignores it).
-    - ``codebook`` ``(K, D[,1,1])``: a Parameter (ijcai/learned_v2; init :func:`init_codebook`) or, for
-      memory_bank, a buffer holding the codebook BEFORE this step's :func:`memory_bank_step` (call that
-      after the forward pass, and save the buffer with the checkpoint).
-    - ``labels`` ``(B, C)`` foreground multi-hot image labels.
-    - New parameters at 10x LR (§5): ``cls_weight``, ``codebook``, ``w2i_weight``, ``word_weight``.
+        img   = w_img  MLSM(p_img, y)             # L1, p_img = W_cls HSPP(F)
+        w2i   = w_w2i  MLSM(p_w2i, y)             # L2, p_w2i = W_a hist(S(sg(F), codebook))  (ijcai, learned_v2)
+        word  = w_word MLSM(p_word, sg(y_word))   # L3, p_word = W_b GAP(F)
+        decov = w_decov decov_loss(codebook)      # learned_v2 only
+        ent   = w_ent word_entropy(p_word)        # only when w_ent != 0 (0 in the code)
 
     Args:
-        features, cls_weight, codebook, word_weight, w2i_weight, labels: see above.
+        outputs: the network's heads (:meth:`lit_wsss.modules.VWE.head_outputs`): ``p_img`` (B, C), ``p_word``
+            (B, K), ``y_word`` (B, K) from :func:`word_labels`, and ``p_w2i`` (B, C) for ijcai / learned_v2.
+            The routing of vwe.md §2 (P3) is in them: ``p_w2i`` sees the features only through
+            :func:`word_assignment`'s detach, ``y_word`` carries no gradient.
+        labels: ``(B, C)`` foreground multi-hot image labels.
         strategy: one of :data:`STRATEGIES`.
+        codebook: ``(K, D)`` the codebook; needed by learned_v2's decorrelation term.
         weights: overrides of :data:`LOSS_WEIGHTS` (keys ``img``, ``w2i``, ``word``, ``decov``, ``ent``).
-        gamma, levels, adaptive_cells: see :func:`hspp`.
-        temperature: see :func:`word_assignment`.
-        normalise_histogram: see :func:`word_histogram` (False = official sum).
-        word_valid: see :func:`word_labels` (None = official: padding votes).
         decov_squared: see :func:`decov_loss` (False = official).
 
     Returns:
@@ -496,109 +409,25 @@ def vwe_losses(
             raise ValueError(f"unknown loss weights {sorted(unknown)}; expected keys of {sorted(LOSS_WEIGHTS)}")
         w.update(weights)
     use_w2i = strategy != "memory_bank"
-    if use_w2i and w2i_weight is None:
-        raise ValueError(f"strategy {strategy!r} needs w2i_weight (the word-to-image head W_a)")
-    out = vwe_forward(
-        features,
-        cls_weight,
-        codebook,
-        word_weight,
-        w2i_weight if use_w2i else None,
-        gamma=gamma,
-        levels=levels,
-        temperature=temperature,
-        normalise_histogram=normalise_histogram,
-        adaptive_cells=adaptive_cells,
-        word_valid=word_valid,
-    )
-    b, c = out["p_img"].shape
+    if use_w2i and "p_w2i" not in outputs:
+        raise ValueError(f"strategy {strategy!r} needs p_w2i (the word-to-image head W_a)")
+    if strategy == "learned_v2" and codebook is None:
+        raise ValueError("strategy 'learned_v2' needs the codebook (decorrelation loss)")
+    p_img, p_word, y_word = outputs["p_img"], outputs["p_word"], outputs["y_word"]
+    b, c = p_img.shape
     if labels.dim() != 2 or tuple(labels.shape) != (b, c):
         raise ValueError(f"labels must be (B, C) = ({b}, {c}) foreground multi-hot, got {tuple(labels.shape)}")
-    y = labels.to(out["p_img"].dtype)
+    if p_word.shape != y_word.shape:
+        raise ValueError(f"p_word {tuple(p_word.shape)} and y_word {tuple(y_word.shape)} differ")
+    y = labels.to(p_img.dtype)
     losses = {
-        "img": w["img"] * F.multilabel_soft_margin_loss(out["p_img"], y),
-        "word": w["word"] * F.multilabel_soft_margin_loss(out["p_word"], out["y_word"].to(y.dtype)),
+        "img": w["img"] * F.multilabel_soft_margin_loss(p_img, y),
+        "word": w["word"] * F.multilabel_soft_margin_loss(p_word, y_word.to(y.dtype)),
     }
     if use_w2i:
-        losses["w2i"] = w["w2i"] * F.multilabel_soft_margin_loss(out["p_w2i"], y)
+        losses["w2i"] = w["w2i"] * F.multilabel_soft_margin_loss(outputs["p_w2i"], y)
     if strategy == "learned_v2":
         losses["decov"] = w["decov"] * decov_loss(codebook, squared=decov_squared)
     if w["ent"] != 0.0:
-        losses["ent"] = w["ent"] * word_entropy(out["p_word"])
+        losses["ent"] = w["ent"] * word_entropy(p_word)
     return losses
-
-
-# ----------------------------------------------------------------------------------------------------
-# CAM inference (§3, §4, P7, P13)
-# ----------------------------------------------------------------------------------------------------
-
-
-def cam_from_features(features: Tensor, cls_weight: Tensor) -> Tensor:
-    """Inference CAM ``relu(W_cls F)`` (vwe.md §3; no HSPP, no VWE, no bias, P6).
-
-    Args:
-        features: ``(N, D, h, w)``.
-        cls_weight: ``(C, D[, 1, 1])``.
-
-    Returns:
-        ``(N, C, h, w)`` non-negative.
-    """
-    _check_features(features)
-    wc = as_matrix(cls_weight, "cls_weight")
-    if wc.shape[1] != features.shape[1]:
-        raise ValueError(f"cls_weight expects {wc.shape[1]} channels, features have {features.shape[1]}")
-    return F.relu(torch.einsum("cd,ndhw->nchw", wc.to(features.dtype), features))
-
-
-def fuse_flip_pair(pair_cams: Tensor, mode: str = "max") -> Tensor:
-    """Merge the CAMs of an image and of its horizontal flip (vwe.md §3, P7).
-
-    ``relu`` per pass (idempotent on :func:`cam_from_features` output), then ``max(A[0], flip(A[1]))``
-    (VWE, default) or ``A[0] + flip(A[1])`` (``mode="sum"``, IRN).
-
-    Args:
-        pair_cams: ``(2, C, h, w)``: row 0 the image, row 1 the flipped image.
-        mode: ``"max"`` or ``"sum"``.
-
-    Returns:
-        ``(C, h, w)``.
-    """
-    return fuse_cams(F.relu(pair_cams), mode)
-
-
-@torch.no_grad()
-def multiscale_vwe_cams(
-    cam_fn: Callable[[Tensor], Tensor],
-    image: Tensor,
-    keys: Tensor,
-    scales: Sequence[float] = CAM_SCALES,
-    flip_fusion: str = "max",
-    high_res: str = "full",
-) -> CAMRecord:
-    """Multi-scale + flip CAMs of one image as VWE's ``infer_cam.py`` (vwe.md §3).
-
-    Per scale, ``cam_fn`` runs on the (rescaled image, its flip) pair (rescaling of
-    :func:`lit_wsss.cams.scaled_flip_pairs`: antialiased bicubic on the normalised tensor instead of PIL
-    bicubic on uint8, P13), the pair is merged by :func:`fuse_flip_pair` (max); the label channels are
-    bilinearly resized (``align_corners=False``) to ``(ceil(H/4), ceil(W/4))`` and directly to ``(H, W)``
-    (no 16-multiple padding, unlike IRN) and summed over scales; every kept channel is divided by its
-    spatial max + 1e-5. Selecting the label channels before the resize equals selecting them after.
-
-    Args:
-        cam_fn: ``(N, 3, h, w) -> (N, C, h', w')`` CAMs, e.g. ``cam_from_features(backbone(x), W_cls)``.
-        image: ``(3, H, W)`` or ``(1, 3, H, W)`` normalised image at its original size.
-        keys: ``(K,)`` 0-based foreground indices of the image's labels.
-        scales: rescale factors.
-        flip_fusion: see :func:`fuse_flip_pair`.
-        high_res: ``full`` (VWE's) or IRN's ``padded`` (:data:`lit_wsss.cams.HIGH_RES_RULES`).
-
-    Returns:
-        ``{"keys", "cam" (K, ceil(H/4), ceil(W/4)), "high_res" (K, H, W)}`` float32.
-    """
-    if flip_fusion not in FLIP_FUSIONS:
-        raise ValueError(f"unknown flip fusion {flip_fusion!r}; expected one of {FLIP_FUSIONS}")
-    if image.dim() not in (3, 4):
-        raise ValueError(f"image must be (3, H, W), got {tuple(image.shape)}")
-    # cam_fn's output goes through fuse_flip_pair's per-pass ReLU semantics: CAMs are ReLU'd already
-    return multiscale_cams(lambda x: F.relu(cam_fn(x)), image, keys, scales, flip_fusion=flip_fusion,
-                           high_res=high_res)

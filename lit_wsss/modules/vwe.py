@@ -29,18 +29,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lit_wsss.cams import CAMRecord
+from lit_wsss.cams import CAMRecord, multiscale_cams
 from lit_wsss.losses.vwe import (
     BKG_SCORE,
     FLIP_FUSIONS,
     HSPP_LEVELS,
     MEMORY_BANK_RHO,
     STRATEGIES,
-    cam_from_features,
+    hspp,
     init_codebook,
     memory_bank_step,
-    multiscale_vwe_cams,
     vwe_losses,
+    word_assignment,
+    word_histogram,
+    word_labels,
 )
 from lit_wsss.modules.base import WSSSModule
 from lit_wsss.modules.cam_head import CAMHeadMixin
@@ -94,26 +96,39 @@ class VWE(CAMHeadMixin, WSSSModule):
         if hp.strategy == "memory_bank":  # L2 is dropped (§7b): W_a gets no loss; frozen so DDP sees no unused
             self.fc_a.requires_grad_(False)
 
+    def head_outputs(self, features: Tensor) -> dict[str, Tensor]:
+        """The heads on the last level ``F`` (vwe.md §2): ``p_img = W_cls HSPP(F)``, the word assignment ``S``,
+        ``y_word``, ``p_word = W_b GAP(F)`` and, except for memory_bank, ``hist`` and ``p_w2i = W_a hist``."""
+        hp = self.hparams
+        assignment = word_assignment(features, self.codebook)
+        outputs = {
+            "p_img": self.classifier(hspp(features, hp.hspp_gamma, tuple(hp.hspp_levels))[..., None, None]).flatten(1),
+            "assignment": assignment,
+            "y_word": word_labels(assignment),
+            "p_word": self.fc_b(features.mean(dim=(2, 3), keepdim=True)).flatten(1),
+        }
+        if hp.strategy != "memory_bank":
+            outputs["hist"] = word_histogram(assignment)
+            outputs["p_w2i"] = self.fc_a(outputs["hist"][..., None, None]).flatten(1)
+        return outputs
+
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """L1 (HSPP image classification) + L2 (word histogram) + L3 (word classification), §2; VWL options §7."""
         hp = self.hparams
         features = self.features(batch["image"])
         codebook = self.codebook
-        losses = vwe_losses(
-            features, self.classifier.weight, codebook, self.fc_b.weight,
-            None if hp.strategy == "memory_bank" else self.fc_a.weight, batch["labels"], strategy=hp.strategy,
-            gamma=hp.hspp_gamma, levels=tuple(hp.hspp_levels),
-        )
+        losses = vwe_losses(self.head_outputs(features), batch["labels"], strategy=hp.strategy, codebook=codebook)
         if hp.strategy == "memory_bank":  # the loss used the codebook from before this step (§7b)
             self.codebook.copy_(memory_bank_step(codebook, features.detach(), self.global_step, hp.memory_bank_rho))
         return losses
 
     @torch.no_grad()
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:
-        """``infer_cam.py`` (§3): relu(W_cls F) per pass, flips merged by ``flip_fusion``, scales summed."""
+        """``infer_cam.py`` (§3): relu(W_cls F) per pass, flips merged by ``flip_fusion`` (max), scales summed,
+        resized straight to the image size (P13: antialiased bicubic on the normalised tensor)."""
         keys = torch.nonzero(labels > 0.5).flatten()
-        return multiscale_vwe_cams(lambda x: cam_from_features(self.features(x), self.classifier.weight), image,
-                                   keys, self.hparams.cam_scales, self.hparams.flip_fusion, self.cam_high_res_rule)
+        return multiscale_cams(lambda x: self.cams(self.features(x)), image, keys, self.hparams.cam_scales,
+                               flip_fusion=self.hparams.flip_fusion, high_res=self.cam_high_res_rule)
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()
