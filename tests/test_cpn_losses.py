@@ -198,6 +198,11 @@ def _prcm_loops(region, f, w9, w10, transpose: bool) -> torch.Tensor:
     return out.reshape(b, k, h, w)
 
 
+def _conv(weight: torch.Tensor):
+    """A weight matrix (O, I) as the bias-free 1x1 convolution the module's f9 / f10 layers are."""
+    return lambda x: F.conv2d(x, weight.reshape(weight.shape[0], -1, 1, 1))
+
+
 def _prcm_inputs(seed: int, k: int = 3):
     rng = np.random.default_rng(seed)
     b, cf, o, h, w = 2, 5, 4, 2, 3
@@ -206,21 +211,25 @@ def _prcm_inputs(seed: int, k: int = 3):
 
 def test_prcm_matches_reshape_loops_and_differs_from_transpose():
     region, f, w9, w10 = _prcm_inputs(5)
-    p = prcm(region, f, w9, w10)
+    p = prcm(region, f, _conv(w9), _conv(w10))
     assert p.shape == (2, 3, 2, 3)
     assert p.min() >= 0
     torch.testing.assert_close(p.sum(dim=(-2, -1)), torch.ones(2, 3, dtype=DT), rtol=0, atol=1e-12)
     torch.testing.assert_close(p, _prcm_loops(region, f, w9, w10, transpose=False), rtol=1e-9, atol=1e-12)
-    pt = prcm(region, f, w9, w10, key_transpose=True)
+    pt = prcm(region, f, _conv(w9), _conv(w10), key_transpose=True)
     torch.testing.assert_close(pt, _prcm_loops(region, f, w9, w10, transpose=True), rtol=1e-9, atol=1e-12)
     assert (p - pt).abs().max() > 1e-3
-    # conv-shaped weights (O, Cf, 1, 1) are accepted
-    torch.testing.assert_close(prcm(region, f, w9[..., None, None], w10[..., None, None]), p)
+    # the module's layers: nn.Conv2d 1x1 without bias holding these weights
+    layers = [torch.nn.Conv2d(5, 4, 1, bias=False).double() for _ in range(2)]
+    for layer, weight in zip(layers, (w9, w10)):
+        layer.weight.data.copy_(weight[..., None, None])
+    torch.testing.assert_close(prcm(region, f, *layers), p)
 
 
 def test_prcm_single_class_reshape_equals_transpose():
     region, f, w9, w10 = _prcm_inputs(6, k=1)  # (O, 1) and (1, O) share one memory layout
-    torch.testing.assert_close(prcm(region, f, w9, w10), prcm(region, f, w9, w10, key_transpose=True))
+    torch.testing.assert_close(prcm(region, f, _conv(w9), _conv(w10)),
+                               prcm(region, f, _conv(w9), _conv(w10), key_transpose=True))
 
 
 # --- §12 item 4: PCM -------------------------------------------------------------------------------
@@ -238,11 +247,11 @@ def test_pcm_matches_loops():
     a = [[max(0.0, sum(g[i][oi] * g[j][oi] for oi in range(o))) for j in range(n)] for i in range(n)]
     col = [sum(a[i][j] for i in range(n)) for j in range(n)]
     a = [[a[i][j] / (col[j] + E) for j in range(n)] for i in range(n)]
-    torch.testing.assert_close(pcm_affinity(f, w9)[0], torch.tensor(a, dtype=DT), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(pcm_affinity(f, _conv(w9))[0], torch.tensor(a, dtype=DT), rtol=1e-9, atol=1e-12)
     dd = d.reshape(k, n)
     y = [[sum(float(dd[kk, i]) * a[i][j] for i in range(n)) for j in range(n)] for kk in range(k)]
     torch.testing.assert_close(
-        pcm(d, f, w9), torch.tensor(y, dtype=DT).reshape(b, k, h, w), rtol=1e-9, atol=1e-12
+        pcm(d, f, _conv(w9)), torch.tensor(y, dtype=DT).reshape(b, k, h, w), rtol=1e-9, atol=1e-12
     )
 
 
@@ -251,16 +260,16 @@ def test_pcm_invariants():
     b, k, cf, o, h, w = 2, 4, 6, 5, 5, 6
     f, w9 = _rand(rng, b, cf, h, w), _rand(rng, o, cf)
     f[0, :, 1, 1] = 0  # an all-zero feature pixel: its column of A is zero
-    a = pcm_affinity(f, w9)
+    a = pcm_affinity(f, _conv(w9))
     cols = a.sum(dim=1)
     nonzero = cols > 0
     assert not nonzero[0, 1 * w + 1] and nonzero.sum() == b * h * w - 1
     torch.testing.assert_close(cols[nonzero], torch.ones_like(cols[nonzero]), rtol=0, atol=1e-4)
-    y_const = pcm(torch.full((b, k, h, w), 0.7, dtype=DT), f, w9)
+    y_const = pcm(torch.full((b, k, h, w), 0.7, dtype=DT), f, _conv(w9))
     ref = torch.full_like(y_const, 0.7)
     ref[0, :, 1, 1] = 0
     torch.testing.assert_close(y_const, ref, rtol=0, atol=1e-4)
-    y = pcm(torch.from_numpy(rng.uniform(size=(b, k, h, w))), f, w9)
+    y = pcm(torch.from_numpy(rng.uniform(size=(b, k, h, w))), f, _conv(w9))
     assert y.min() >= 0 and y.max() <= 1
 
 
@@ -276,7 +285,7 @@ def test_refined_cam_composition_and_gradient_routing():
     high = _rand(rng, b, 3, h, w).requires_grad_(True)
     w9 = _rand(rng, 4, 8).requires_grad_(True)
     w10 = _rand(rng, 4, 8).requires_grad_(True)
-    out = refined_cam(cam, image, low, high, w9, w10)
+    out = refined_cam(cam, image, low, high, _conv(w9), _conv(w10))
     # independent reference: D by formula, f by hand, PCM/PRCM/gather by the loops above
     with torch.no_grad():
         c = cam.clamp_min(0)
@@ -297,7 +306,7 @@ def test_refined_cam_composition_and_gradient_routing():
                 wts = torch.softmax(d[bi, ki].flatten(), 0)
                 region[bi, ki] = (f[bi].reshape(8, -1) * wts).sum(-1)
         p = _prcm_loops(region, f, w9, w10, transpose=False)
-        ref = pcm(d, f, w9) + p * d
+        ref = pcm(d, f, _conv(w9)) + p * d
     torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
     g_cam, g_low, g_high, g9, g10 = _grads(out.square().sum(), [cam, low, high, w9, w10])
     assert torch.all(g_cam == 0)  # D carries no gradient: fc8 learns only through the raw CAM

@@ -32,13 +32,12 @@ functions; gradient reaches f9/f10 only through :func:`refined_cam` and never th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_wsss.losses.common import as_matrix
 
 #: CPN's constant in the CAM normalisations, the PCM L2 norm and the affinity normalisation (cpn.md §8).
 CPN_EPS = 1e-5
@@ -101,15 +100,6 @@ def _with_background(z: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Head (§3)
 # ----------------------------------------------------------------------------------------------------
-
-
-def _conv1x1(f: Tensor, weight: Tensor, name: str) -> Tensor:
-    """Bias-free 1x1 convolution of ``f`` ``(B, I, ...)`` flattened to ``(B, O, n)``."""
-    w = as_matrix(weight, name)
-    b, c = f.shape[:2]
-    if w.shape[1] != c:
-        raise ValueError(f"{name} expects {w.shape[1]} input channels, features have {c}")
-    return torch.matmul(w.to(f.dtype), f.reshape(b, c, -1))
 
 
 def correlation_cam(cam_logits: Tensor) -> Tensor:
@@ -183,9 +173,11 @@ def spatial_gather(d: Tensor, f: Tensor) -> Tensor:
     return torch.bmm(weights, f.reshape(b, f.shape[1], -1).transpose(1, 2))
 
 
-def prcm(
-    region: Tensor, f: Tensor, f9_weight: Tensor, f10_weight: Tensor, key_transpose: bool = False
-) -> Tensor:
+#: A bias-free 1x1 convolution ``(B, I, h, w) -> (B, O, h, w)``: the module's ``f9`` / ``f10`` layers.
+Conv1x1 = Callable[[Tensor], Tensor]
+
+
+def prcm(region: Tensor, f: Tensor, f9: Conv1x1, f10: Conv1x1, key_transpose: bool = False) -> Tensor:
     """Pixel-region correlation map ``P`` (cpn.md §3, §10 C7).
 
     ``Q = relu(f9 f)`` ``(B, O, hw)``; ``Kt = relu(f10 Rg)`` with the official layout ``(B, O, K, 1)``
@@ -197,8 +189,8 @@ def prcm(
     Args:
         region: ``(B, K, Cf)`` region features (:func:`spatial_gather`).
         f: ``(B, Cf, h, w)`` head features.
-        f9_weight: ``(O, Cf)`` or ``(O, Cf, 1, 1)`` (shared with :func:`pcm`).
-        f10_weight: ``(O, Cf)`` or ``(O, Cf, 1, 1)``.
+        f9: the query layer ``Cf -> O`` (shared with :func:`pcm`).
+        f10: the key layer ``Cf -> O``, applied to the regions laid out as ``(B, Cf, K, 1)`` (official).
         key_transpose: False = official reshape (default), True = the transpose.
 
     Returns:
@@ -208,14 +200,14 @@ def prcm(
     if f.shape[0] != b or f.shape[1] != cf or f.dim() != 4:
         raise ValueError(f"features {tuple(f.shape)} do not match region features {tuple(region.shape)}")
     h, w = f.shape[-2:]
-    query = F.relu(_conv1x1(f, f9_weight, "f9_weight"))  # (B, O, hw)
-    key_t = F.relu(_conv1x1(region.transpose(1, 2), f10_weight, "f10_weight")).contiguous()  # (B, O, K)
+    query = F.relu(f9(f)).reshape(b, -1, h * w)  # (B, O, hw)
+    key_t = F.relu(f10(region.transpose(1, 2)[..., None])).reshape(b, -1, k).contiguous()  # (B, O, K)
     key = key_t.transpose(1, 2) if key_transpose else key_t.reshape(b, k, -1)  # (B, K, O)
     energy = torch.bmm(key, query) / math.sqrt(k)
     return torch.softmax(energy, dim=-1).reshape(b, k, h, w)
 
 
-def pcm_affinity(f: Tensor, f9_weight: Tensor) -> Tensor:
+def pcm_affinity(f: Tensor, f9: Conv1x1) -> Tensor:
     """Column-normalised affinity ``A`` of PCM (cpn.md §3).
 
     ``G = f9 f`` (no ReLU), per-pixel L2-normalised (``+1e-5``); ``A = relu(G^T G)``;
@@ -223,24 +215,24 @@ def pcm_affinity(f: Tensor, f9_weight: Tensor) -> Tensor:
 
     Args:
         f: ``(B, Cf, h, w)`` head features.
-        f9_weight: ``(O, Cf)`` or ``(O, Cf, 1, 1)``.
+        f9: the query layer ``Cf -> O``.
 
     Returns:
         ``(B, hw, hw)``; every column sums to ``s / (s + 1e-5)`` (≈ 1) or is all zero.
     """
-    g = _conv1x1(f, f9_weight, "f9_weight")  # (B, O, hw)
+    g = f9(f).flatten(2)  # (B, O, hw)
     g = g / (torch.linalg.vector_norm(g, dim=1, keepdim=True) + CPN_EPS)
     a = F.relu(torch.bmm(g.transpose(1, 2), g))
     return a / (a.sum(dim=1, keepdim=True) + CPN_EPS)
 
 
-def pcm(d: Tensor, f: Tensor, f9_weight: Tensor) -> Tensor:
+def pcm(d: Tensor, f: Tensor, f9: Conv1x1) -> Tensor:
     """Pixel correlation module ``Y = D . A``, ``Y[k, j] = sum_i D[k, i] A[i, j]`` (cpn.md §3).
 
     Args:
         d: ``(B, K, h, w)`` correlation CAM.
         f: ``(B, Cf, h, w)`` head features.
-        f9_weight: ``(O, Cf)`` or ``(O, Cf, 1, 1)``.
+        f9: the query layer ``Cf -> O``.
 
     Returns:
         ``(B, K, h, w)``.
@@ -248,7 +240,7 @@ def pcm(d: Tensor, f: Tensor, f9_weight: Tensor) -> Tensor:
     b, k, h, w = d.shape
     if f.shape[0] != b or tuple(f.shape[-2:]) != (h, w):
         raise ValueError(f"features {tuple(f.shape)} do not match D {tuple(d.shape)}")
-    a = pcm_affinity(f, f9_weight)
+    a = pcm_affinity(f, f9)
     return torch.bmm(d.reshape(b, k, h * w).to(a.dtype), a).reshape(b, k, h, w)
 
 
@@ -257,8 +249,8 @@ def refined_cam(
     image: Tensor,
     low: Tensor,
     high: Tensor,
-    f9_weight: Tensor,
-    f10_weight: Tensor,
+    f9: Conv1x1,
+    f10: Conv1x1,
     key_transpose: bool = False,
 ) -> Tensor:
     """The whole §3 head: ``cam_rv = PCM(D, f) + PRCM(Rg, f) * D`` at the CAM resolution.
@@ -273,7 +265,7 @@ def refined_cam(
         image: ``(B, 3, H, W)`` normalised input.
         low: ``(B, C1, h, w)`` projected low tap.
         high: ``(B, C2, h, w)`` projected high tap.
-        f9_weight, f10_weight: ``(O, 3 + C1 + C2[, 1, 1])``.
+        f9, f10: the query and key layers ``3 + C1 + C2 -> O`` (the module's ``f9`` / ``f10``).
         key_transpose: see :func:`prcm`.
 
     Returns:
@@ -284,8 +276,8 @@ def refined_cam(
     d = correlation_cam(cam_logits)
     f = head_features(image, low, high)
     d = d.to(f.dtype)
-    p = prcm(spatial_gather(d, f), f, f9_weight, f10_weight, key_transpose=key_transpose)
-    return pcm(d, f, f9_weight) + p * d
+    p = prcm(spatial_gather(d, f), f, f9, f10, key_transpose=key_transpose)
+    return pcm(d, f, f9) + p * d
 
 
 def upsample(x: Tensor, size: tuple[int, int]) -> Tensor:

@@ -131,7 +131,7 @@ class CPN(CAMHeadMixin, WSSSModule):
             if tuple(tap.shape[-2:]) != size:  # CPN-R50 / EfficientNet: the /8 tap to the /16 CAM grid
                 tap = F.interpolate(tap, size, mode="bilinear", align_corners=False)
             taps.append(conv(tap))
-        refined = refined_cam(cam, image, *taps, self.f9.weight, self.f10.weight,
+        refined = refined_cam(cam, image, *taps, self.f9, self.f10,
                               key_transpose=self.hparams.prcm_key_transpose)
         full = tuple(image.shape[-2:])
         return upsample(cam, full), upsample(refined, full)
