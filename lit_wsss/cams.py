@@ -102,6 +102,7 @@ def multiscale_cams(
     *,
     flip_fusion: str = "sum",
     high_res: str = "padded",
+    normalise: Callable[[Tensor, int], Tensor] | None = None,
 ) -> CAMRecord:
     """Multi-scale + flip CAMs of one image, by default exactly as IRN ``step/make_cam.py`` (protocol.md §4).
 
@@ -114,17 +115,20 @@ def multiscale_cams(
         flip_fusion: ``sum`` (IRN) or ``max`` (VWE, vwe.md P7) of a pass and its un-flipped flip.
         high_res: ``padded`` (IRN: resized to the 16-multiple padded size, then cropped) or ``full`` (resized
             straight to ``H x W``: VWE, SLAMs-R).
+        normalise: ``None`` (each channel divided by its spatial max + 1e-5) or ``normalise(summed, num_maps)``
+            applied to both sums, ``num_maps = 2 len(scales)`` (GSLM's WAM mixin: the mean / tau, cls.md §2.2).
 
     Returns:
         ``keys``, the strided CAM (summed over scales at ``ceil(H/4) x ceil(W/4)``) and the high-resolution CAM,
-        each channel divided by its spatial max + 1e-5. Scales are summed, not averaged: the max-normalisation
-        removes the scale.
+        normalised as above. Scales are summed, not averaged: the max-normalisation removes the scale.
 
     Deviation: the rescaling of :func:`scaled_flip_pairs`.
     """
     record = multiscale_cam_sums(cam_fn, image, keys, scales, flip_fusion=flip_fusion, high_res=high_res)
     for name in ("cam", "high_res"):
-        record[name] /= record[name].flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS  # type: ignore[literal-required]
+        summed = record[name]  # type: ignore[literal-required]
+        record[name] = (summed / (summed.flatten(1).amax(1).view(-1, 1, 1) + NORM_EPS) if normalise is None  # type: ignore[literal-required]
+                        else normalise(summed, 2 * len(scales)))
     return record
 
 

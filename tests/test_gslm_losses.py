@@ -20,25 +20,40 @@ from lit_wsss.losses.gslm import (
     GSLM_EPS,
     TAU,
     bounded_cam,
-    class_activation_map,
     classification_loss,
     downsample_seeds,
     gap_logits,
-    gap_pool_weight,
     max_normalise,
     seg_loss,
     seg_loss_terms,
     slm_cam,
-    slm_logits,
     slm_losses,
-    slm_multiscale_cams,
-    wam_logits,
-    wam_multiscale_cams,
     wam_normalise,
 )
 
 B, C, H, W = 2, 3, 4, 4
 DT = torch.float64
+
+
+def _wam_module(weight: torch.Tensor):  # noqa: ANN202
+    """A GSLM (wam head, tiny random backbone) whose pooling head holds ``weight`` (C, C, k, k)."""
+    from lit_wsss.modules import GSLM
+
+    model = GSLM(num_classes=weight.shape[0], backbone="resnet18", pretrained=None, pool_size=weight.shape[-1])
+    model = model.to(weight.dtype)
+    with torch.no_grad():
+        model.pool.weight.copy_(weight)
+    return model
+
+
+def _wam_logits(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """GSLM.slm_logits of the wam head with the pooling weight ``weight``."""
+    return _wam_module(weight).slm_logits(a)
+
+
+def _wam_cams(cam_fn, image, keys):  # noqa: ANN001, ANN202 - GSLM.infer_cams of the wam head on a stub map
+    return multiscale_cams(cam_fn, image, keys, high_res="full",
+                           normalise=lambda summed, maps: wam_normalise(summed, maps, TAU))
 
 
 def _labels() -> torch.Tensor:
@@ -175,7 +190,7 @@ def test_all_ignore_image_contributes_a_zero_tensor_p13() -> None:
     alone = seg_loss(bounded_cam(a[:1]), labels[:1], seeds[:1])
     torch.testing.assert_close(both, alone)
     seeds[0] = 255
-    nothing = slm_losses(a, labels, seeds, pool_weight=gap_pool_weight(C, 4, DT))["seg"]
+    nothing = slm_losses(gap_logits(a), a, labels, seeds)["seg"]
     assert isinstance(nothing, torch.Tensor) and nothing.dim() == 0 and nothing.item() == 0.0
     assert torch.isfinite(nothing) and nothing.requires_grad
     (g,) = torch.autograd.grad(nothing, a)
@@ -203,7 +218,7 @@ def _bound_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def test_bounded_cam_gradient_is_zero_outside_the_bound() -> None:
     a, labels, seeds = _bound_case()
-    seg = slm_losses(a, labels, seeds, pool_weight=gap_pool_weight(C, 4, DT))["seg"]
+    seg = slm_losses(gap_logits(a), a, labels, seeds)["seg"]
     (g,) = torch.autograd.grad(seg, a)
     outside = (a.detach() > 6) | (a.detach() < 0)
     assert outside.sum() == 4
@@ -218,7 +233,7 @@ def test_bounded_cam_gradient_is_zero_outside_the_bound() -> None:
 def test_cam_head_is_not_bounded_p1() -> None:
     """head='cam' (the released script) regresses relu(A): pixels above 6 keep their gradient."""
     a, labels, seeds = _bound_case()
-    seg = slm_losses(a, labels, seeds, head="cam")["seg"]
+    seg = slm_losses(gap_logits(a), a, labels, seeds, head="cam")["seg"]
     (g,) = torch.autograd.grad(seg, a)
     assert g[0, 0, 0, 2] != 0  # A = 7, a seed below the peak 12
     assert g[0, 0, 2, 2] != 0  # A = 12, the peak: through the normaliser and its own (bg) term
@@ -254,9 +269,9 @@ def test_normaliser_is_not_detached_p4() -> None:
 def test_pool_head_is_trained_by_cls_only_and_mlsm_matches_its_formula() -> None:
     a = _cam_logits(6)
     labels, seeds = _labels(), _seeds()
-    weight = torch.randn(C, C, 4, 4, generator=torch.Generator().manual_seed(7), dtype=DT)
-    weight.requires_grad_(True)
-    out = slm_losses(a, labels, seeds, pool_weight=weight)
+    model = _wam_module(torch.randn(C, C, 4, 4, generator=torch.Generator().manual_seed(7), dtype=DT))
+    weight = model.pool.weight
+    out = slm_losses(model.slm_logits(a), a, labels, seeds)
     assert set(out) == set(gslm.LOSS_KEYS)
     (g_seg,) = torch.autograd.grad(out["seg"], weight, retain_graph=True, allow_unused=True)
     assert g_seg is None
@@ -295,8 +310,7 @@ def test_wam_logits_match_an_explicit_loop() -> None:
                     for j in range(4):
                         block = a[b, c2, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean()
                         expected[b, c] += weight[c, c2, i, j] * block
-    torch.testing.assert_close(wam_logits(a, weight), expected)
-    torch.testing.assert_close(slm_logits(a, "wam", weight), expected)
+    torch.testing.assert_close(_wam_logits(a, weight), expected)
 
 
 def test_wam_head_reproduces_gap_at_32() -> None:
@@ -304,35 +318,23 @@ def test_wam_head_reproduces_gap_at_32() -> None:
     weight = torch.zeros(C, C, 32, 32, dtype=DT)
     for c in range(C):
         weight[c, c] = 1.0 / 1024
-    torch.testing.assert_close(gap_pool_weight(C, 32, DT), weight, rtol=0, atol=0)
     for size in (32, 64):  # multiples of 32: disjoint bins, exact
         a = torch.randn(B, C, size, size, generator=g, dtype=DT)
-        out = wam_logits(a, weight)
+        out = _wam_logits(a, weight)
         assert out.shape == (B, C)
         torch.testing.assert_close(out, a.mean(dim=(2, 3)), rtol=1e-12, atol=1e-12)
     for size in (20, 40):  # other sizes: still (B, C); exact only for constant maps
         a = torch.randn(B, C, size, size, generator=g, dtype=DT)
-        out = wam_logits(a, weight)
+        out = _wam_logits(a, weight)
         assert out.shape == (B, C)
         assert not torch.allclose(out, a.mean(dim=(2, 3)), rtol=1e-9, atol=1e-9)
         const = torch.full((B, C, size, size), 2.5, dtype=DT)
-        torch.testing.assert_close(wam_logits(const, weight), torch.full((B, C), 2.5, dtype=DT))
+        torch.testing.assert_close(_wam_logits(const, weight), torch.full((B, C), 2.5, dtype=DT))
 
 
-def test_wam_head_shape_errors() -> None:
-    a = torch.zeros(B, C, 8, 8)
-    with pytest.raises(ValueError, match="pool_weight"):
-        wam_logits(a, torch.zeros(C + 1, C, 4, 4))
-    with pytest.raises(ValueError, match="pool_weight"):
-        wam_logits(a, torch.zeros(C, C, 4, 3))
-    with pytest.raises(ValueError, match="cam_logits"):
-        wam_logits(a[0], torch.zeros(C, C, 4, 4))
-    with pytest.raises(ValueError, match="pooling head"):
-        slm_logits(a, "wam")
-    with pytest.raises(ValueError, match="GAP"):
-        slm_logits(a, "cam", torch.zeros(C, C, 4, 4))
+def test_slm_cam_head_errors() -> None:
     with pytest.raises(ValueError, match="unknown SLM head"):
-        slm_cam(a, "unet")
+        slm_cam(torch.zeros(B, C, 8, 8), "unet")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,22 +360,19 @@ def test_glm_mixin_has_max_one_per_kept_class() -> None:
     peaks = record["high_res"].flatten(1).amax(1)
     torch.testing.assert_close(peaks, torch.ones(2), rtol=0, atol=2e-5)
     assert (peaks < 1).all()
-    # the SLM exported by the released script (head='cam') uses the same GLM mixin
-    cam_head = slm_multiscale_cams(_position_cam, _image(), keys, head="cam")
-    torch.testing.assert_close(cam_head["high_res"], record["high_res"])
 
 
 def test_wam_mixin_of_eight_maps_equal_to_six_is_one() -> None:
     keys = torch.tensor([0, 2])
-    six = wam_multiscale_cams(lambda x: torch.full((x.shape[0], 4, 8, 8), 6.0), _image(), keys)
+    six = _wam_cams(lambda x: torch.full((x.shape[0], 4, 8, 8), 6.0), _image(), keys)
     # 1 up to float32 rounding of the bilinear weights (resizing 8 -> 22 columns: one ulp, 1.2e-7)
     torch.testing.assert_close(six["high_res"], torch.ones_like(six["high_res"]), rtol=0, atol=2.5e-7)
     assert (six["cam"] == 1.0).all()
     assert six["high_res"].shape == (2, 30, 22) and six["keys"].tolist() == [0, 2]
     # via the raw map of the wam head: relu6(10) = 6 -> 1; absolute scale: maps of 3 give 0.5 (P2)
-    ten = slm_multiscale_cams(lambda x: torch.full((x.shape[0], 4, 8, 8), 10.0), _image(), keys, head="wam")
+    ten = _wam_cams(lambda x: bounded_cam(torch.full((x.shape[0], 4, 8, 8), 10.0)), _image(), keys)
     torch.testing.assert_close(ten["high_res"], torch.ones_like(ten["high_res"]), rtol=0, atol=2.5e-7)
-    three = wam_multiscale_cams(lambda x: torch.full((x.shape[0], 4, 8, 8), 3.0), _image(), keys)
+    three = _wam_cams(lambda x: torch.full((x.shape[0], 4, 8, 8), 3.0), _image(), keys)
     torch.testing.assert_close(three["high_res"], torch.full_like(three["high_res"], 0.5), rtol=0, atol=1.5e-7)
     torch.testing.assert_close(
         wam_normalise(torch.full((2, 2), 48.0), 8), torch.ones(2, 2, dtype=torch.float32)
@@ -383,7 +382,7 @@ def test_wam_mixin_of_eight_maps_equal_to_six_is_one() -> None:
 def test_wam_mixin_is_the_mean_of_the_glm_sum() -> None:
     """Both mixins share the sum over the 8 maps: WAM = sum / (8 * 6), GLM = sum / (max + 1e-5)."""
     keys = torch.tensor([3, 0, 1])
-    wam = slm_multiscale_cams(_position_cam, _image(), keys, head="wam")
+    wam = _wam_cams(lambda x: bounded_cam(_position_cam(x)), _image(), keys)
     glm = multiscale_cams(lambda x: bounded_cam(_position_cam(x)), _image(), keys, high_res="full")
     assert 0.0 <= wam["high_res"].min() and wam["high_res"].max() <= 1.0
     for name in ("cam", "high_res"):
@@ -395,7 +394,7 @@ def test_wam_mixin_is_the_mean_of_the_glm_sum() -> None:
 
 def test_multiscale_cams_carry_no_gradient() -> None:
     w = torch.ones(1, requires_grad=True)
-    record = slm_multiscale_cams(lambda x: _position_cam(x) * w, _image(), torch.tensor([0]), head="wam")
+    record = _wam_cams(lambda x: bounded_cam(_position_cam(x) * w), _image(), torch.tensor([0]))
     assert not record["high_res"].requires_grad and not record["cam"].requires_grad
 
 
@@ -476,11 +475,8 @@ def test_glm_classifier_before_pool_equals_pool_then_classify() -> None:
     g = torch.Generator().manual_seed(12)
     feats = torch.randn(B, 16, 5, 7, generator=g, dtype=DT)
     weight = torch.randn(C, 16, 1, 1, generator=g, dtype=DT)
-    a = class_activation_map(feats, weight)
-    torch.testing.assert_close(a, F.conv2d(feats, weight))
-    torch.testing.assert_close(class_activation_map(feats, weight[:, :, 0, 0]), a)
+    a = F.conv2d(feats, weight)  # A = W . F, the module's bias-free 1x1 classifier
     torch.testing.assert_close(gap_logits(a), feats.mean(dim=(2, 3)) @ weight[:, :, 0, 0].T)
-    torch.testing.assert_close(slm_logits(a, "cam"), gap_logits(a))
     y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=DT)
     x = gap_logits(a)
     torch.testing.assert_close(
@@ -506,16 +502,18 @@ def test_slm_losses_resize_full_size_seeds_and_validate_inputs() -> None:
     a = _cam_logits(14).detach()
     labels, seeds = _labels(), _seeds()
     full = seeds.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)  # (B, 64, 64)
-    weight = gap_pool_weight(C, 4, DT)
-    torch.testing.assert_close(slm_losses(a, labels, full, weight), slm_losses(a, labels, seeds, weight))
+    logits = gap_logits(a)
+    torch.testing.assert_close(slm_losses(logits, a, labels, full), slm_losses(logits, a, labels, seeds))
     with pytest.raises(ValueError, match="seeds"):
-        slm_losses(a, labels, seeds.float(), weight)
+        slm_losses(logits, a, labels, seeds.float())
     with pytest.raises(ValueError, match="seed values"):
         bad = seeds.clone()
         bad[0, 0, 0] = C + 1
-        slm_losses(a, labels, bad, weight)
+        slm_losses(logits, a, labels, bad)
     with pytest.raises(ValueError, match="labels"):
-        slm_losses(a, labels[:, :2], seeds, weight)
+        slm_losses(logits, a, labels[:, :2], seeds)
+    with pytest.raises(ValueError, match="logits must be"):
+        slm_losses(logits[:, :2], a, labels, seeds)
     with pytest.raises(ValueError, match="seeds"):
         seg_loss(bounded_cam(a), labels, seeds[:, :2])
     with pytest.raises(ValueError, match="reduction"):

@@ -7,11 +7,11 @@ items 1-7. ``C`` foreground classes (no background channel), ``A`` the raw class
 ``(B, C)`` foreground multi-hot labels, ``Y`` a seed map with 0 = background, ``c + 1`` = class ``c``,
 255 = ignore::
 
-    A        = W . F                    1x1 conv, no bias                      class_activation_map (§2.1)
+    A        = W . F                    1x1 conv, no bias (the module's classifier)       (§2.1)
     logits   = GAP(A)                   (= W . GAP(F), §10 item 7)             gap_logits
     L_GLM    = MLSM(logits, y)
     Ab       = relu6(A) = min(max(A, 0), tau), tau = 6                         bounded_cam  (§2.4, P9)
-    logits   = Conv_{C->C, k x k}( AdaptiveAvgPool_{k x k}(A) ), k = 32        wam_logits   (§2.4, P10)
+    logits   = Conv_{C->C, k x k}( AdaptiveAvgPool_{k x k}(A) ), k = 32        GSLM.slm_logits (§2.4, P10)
     Y        = nearest-downsample(pseudo mask) to (h, w)                       downsample_seeds (P5)
     A^_{b,c} = Ab_{b,c} / (max over ALL h x w pixels of Ab_{b,c} + 1e-5)      (not detached, P4)
     L_seg    = sum_b sum_{c in I_b} SmoothL1_{beta=1, mean over p in V_b}(tau A^, tau 1[Y = c + 1])
@@ -19,7 +19,7 @@ items 1-7. ``C`` foreground classes (no background channel), ``A`` the raw class
     L_SLM    = MLSM(logits, y) + 0.5 L_seg                                    slm_losses
 
     GLM mixin: M = sum over 4 scales x 2 flips of bilinear_up(relu(A)) / (per-class max + 1e-5)   (§2.2)
-    WAM mixin: M = mean over the 8 maps of bilinear_up(relu6(A)) / tau                  wam_multiscale_cams
+    WAM mixin: M = mean over the 8 maps of bilinear_up(relu6(A)) / tau    wam_normalise (GSLM.infer_cams)
 
 The seeds (§2.3, P7: IRN's IR-label cut at 0.30 / 0.05 with a CRF of Gaussian compat 10) and the round
 schedule (§2.5) are the round driver's, :mod:`lit_wsss.gslm_rounds`, which cuts seeds with ``lit-wsss ir-labels``.
@@ -33,13 +33,10 @@ load of the GLM weights, the per-round optimiser restart) belong to the module a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lit_wsss.cams import DEFAULT_CAM_SCALES, CAMRecord, multiscale_cam_sums, multiscale_cams
 from lit_wsss.io import IGNORE_INDEX
 
 #: Activation bound tau of the SLM: ReLU6 cap, regression target on seeds, WAM-mixin divisor (cls.md §5).
@@ -87,26 +84,6 @@ def _check_head(head: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def class_activation_map(features: Tensor, weight: Tensor) -> Tensor:
-    """``A = W . F``: the bias-free 1x1 classifier applied at every position (cls.md §2.1).
-
-    Args:
-        features: ``(B, D, h, w)`` last backbone level.
-        weight: ``(C, D, 1, 1)`` conv weight or ``(C, D)`` matrix.
-
-    Returns:
-        ``(B, C, h, w)`` raw class activations (no ReLU).
-    """
-    _check_maps(features, "features")
-    if weight.dim() == 4 and tuple(weight.shape[-2:]) == (1, 1):
-        weight = weight[:, :, 0, 0]
-    if weight.dim() != 2 or weight.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"weight must be (C, D, 1, 1) or (C, D) with D = {features.shape[1]}, got {tuple(weight.shape)}"
-        )
-    return torch.einsum("cd,bdhw->bchw", weight.to(features.dtype), features)
-
-
 def gap_logits(cam_logits: Tensor) -> Tensor:
     """GLM logits ``GAP(A)`` ``(B, C)`` (cls.md §2.1); equal to IRN's ``W . GAP(F)`` by linearity (§10.7)."""
     _check_maps(cam_logits)
@@ -144,57 +121,6 @@ def slm_cam(cam_logits: Tensor, head: str = "wam", tau: float = TAU) -> Tensor:
     """
     _check_head(head)
     return bounded_cam(cam_logits, tau) if head == "wam" else F.relu(cam_logits)
-
-
-def wam_logits(cam_logits: Tensor, pool_weight: Tensor) -> Tensor:
-    """WAM logits: ``Conv_{C->C, k x k, no bias}(AdaptiveAvgPool_{k x k}(A))`` (cls.md §2.4, §10.3).
-
-    The learned spatial + cross-class pooling that replaces GAP; applied to the raw ``A`` (not the bounded
-    map). ``k`` is read from the weight (32 in the official head, :data:`WAM_POOL_SIZE`). With the weight
-    ``1/k^2`` on its own class and 0 elsewhere this is exactly GAP for maps whose size is a multiple of
-    ``k``; other sizes still give ``(B, C)`` (then GAP only approximately).
-
-    Args:
-        cam_logits: ``(B, C, h, w)`` raw ``A``.
-        pool_weight: ``(C, C, k, k)`` conv weight of the pooling head.
-
-    Returns:
-        ``(B, C)`` logits.
-    """
-    _check_maps(cam_logits)
-    c = cam_logits.shape[1]
-    square = pool_weight.dim() == 4 and pool_weight.shape[2] == pool_weight.shape[3]
-    if not square or tuple(pool_weight.shape[:2]) != (c, c):
-        raise ValueError(f"pool_weight must be (C, C, k, k) with C = {c}, got {tuple(pool_weight.shape)}")
-    k = pool_weight.shape[-1]
-    pooled = F.adaptive_avg_pool2d(cam_logits, (k, k))
-    return F.conv2d(pooled, pool_weight.to(pooled.dtype)).flatten(1)
-
-
-def gap_pool_weight(num_classes: int, size: int = WAM_POOL_SIZE, dtype: torch.dtype | None = None) -> Tensor:
-    """A ``(C, C, k, k)`` pooling-head weight that makes :func:`wam_logits` equal to GAP (cls.md §10.3).
-
-    Not the official initialisation (the head is newly, randomly initialised, P8); a reference and a
-    possible deterministic start.
-    """
-    if num_classes < 1 or size < 1:
-        raise ValueError(f"num_classes and size must be positive, got {num_classes}, {size}")
-    weight = torch.zeros(num_classes, num_classes, size, size, dtype=dtype)
-    index = torch.arange(num_classes)
-    weight[index, index] = 1.0 / (size * size)
-    return weight
-
-
-def slm_logits(cam_logits: Tensor, head: str = "wam", pool_weight: Tensor | None = None) -> Tensor:
-    """SLM logits: :func:`wam_logits` for ``wam`` (``pool_weight`` required), GAP for ``cam`` (P1)."""
-    _check_head(head)
-    if head == "wam":
-        if pool_weight is None:
-            raise ValueError("head='wam' needs the pooling head's weight (C, C, 32, 32)")
-        return wam_logits(cam_logits, pool_weight)
-    if pool_weight is not None:
-        raise ValueError("head='cam' uses GAP logits: pass pool_weight=None")
-    return gap_logits(cam_logits)
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -319,10 +245,10 @@ def seg_loss(
 
 
 def slm_losses(
+    logits: Tensor,
     cam_logits: Tensor,
     labels: Tensor,
     seeds: Tensor,
-    pool_weight: Tensor | None = None,
     head: str = "wam",
     seg_weight: float = SEG_LOSS_WEIGHT,
     tau: float = TAU,
@@ -333,22 +259,23 @@ def slm_losses(
 
     What the module passes:
 
+    * ``logits``: the image logits ``(B, C)`` of its head (:meth:`lit_wsss.modules.GSLM.slm_logits`): the
+      learned pooling ``Conv_{C->C, k x k}(AdaptiveAvgPool_{k x k}(A))`` for ``head="wam"`` (§2.4, P10),
+      :func:`gap_logits` for ``head="cam"``.
     * ``cam_logits``: the RAW classifier map ``A = W . F`` ``(B, C, h, w)`` of the training crop (no ReLU,
       no bound; the module applies the backbone's stage-2 detach itself), e.g. ``self.classifier(feats)``.
     * ``labels``: the batch's ``(B, C)`` foreground multi-hot labels.
     * ``seeds``: the round's pseudo masks, cropped/flipped with the image, as ``(B, H, W)`` int64
       (0 bg, c+1 class c, 255 ignore AND crop padding); resized here to ``(h, w)`` by nearest (P5). A map
       already at ``(h, w)`` is used as is.
-    * ``pool_weight``: ``head="wam"``: the pooling head's conv weight ``(C, C, 32, 32)`` (the parameter
-      itself, so it is trained); ``head="cam"``: ``None``.
     * ``head``: ``"wam"`` = the intended SLM (ReLU6 CAM + learned pooling, default), ``"cam"`` = the network
       the released ``train_fuse_cam.py`` trains (ReLU CAM + GAP), pitfall P1.
 
     Args:
+        logits: ``(B, C)``.
         cam_logits: ``(B, C, h, w)``.
         labels: ``(B, C)``.
         seeds: ``(B, H, W)`` or ``(B, h, w)`` integer.
-        pool_weight: ``(C, C, k, k)`` or ``None``.
         head: one of :data:`SLM_HEADS`.
         seg_weight: ``fuse_cam_seg_loss_rate`` (0.5).
         tau: ReLU6 bound and regression scale (6); the ``cam`` head uses it only as the regression scale.
@@ -361,9 +288,10 @@ def slm_losses(
     _check_maps(cam_logits)
     _check_labels(cam_logits, labels)
     _check_head(head)
+    if tuple(logits.shape) != tuple(labels.shape):
+        raise ValueError(f"logits must be (B, C) = {tuple(labels.shape)}, got {tuple(logits.shape)}")
     if seeds.dim() != 3 or seeds.shape[0] != cam_logits.shape[0]:
         raise ValueError(f"seeds must be (B, H, W) with B = {cam_logits.shape[0]}, got {tuple(seeds.shape)}")
-    logits = slm_logits(cam_logits, head, pool_weight)
     small = downsample_seeds(seeds, tuple(cam_logits.shape[-2:]), seed_resize_mode)
     cam = slm_cam(cam_logits, head, tau)
     return {
@@ -387,73 +315,6 @@ def wam_normalise(summed: Tensor, num_maps: int, tau: float = TAU) -> Tensor:
     return summed / (num_maps * tau)
 
 
-@torch.no_grad()
-def wam_multiscale_cams(
-    cam_fn: Callable[[Tensor], Tensor],
-    image: Tensor,
-    keys: Tensor,
-    scales: Sequence[float] = DEFAULT_CAM_SCALES,
-    tau: float = TAU,
-    high_res: str = "full",
-) -> CAMRecord:
-    """Multi-scale + flip CAMs with the WAM mixin (cls.md §2.2, §3): mean of the 8 maps, divided by tau.
-
-    Same loop and sizes as :func:`lit_wsss.cams.multiscale_cams` (the GLM mixin), which it reuses through
-    :func:`lit_wsss.cams.multiscale_cam_sums`; only the normalisation differs: instead of the per-class max,
-    the sum over ``2 * len(scales)`` maps is divided by ``2 * len(scales) * tau``. GSLM's ``mixin_multi_cams``
-    interpolates every map straight to the image size (``high_res="full"``), not IRN's padded canvas.
-
-    Args:
-        cam_fn: maps ``(N, 3, h, w)`` to the BOUNDED CAMs ``relu6(A)`` ``(N, C, h', w')``.
-        image: ``(3, H, W)`` or ``(1, 3, H, W)`` normalised image at its original size.
-        keys: ``(K,)`` 0-based indices of the classes to export.
-        scales: rescale factors, each batched with its horizontal flip.
-        tau: the bound (6).
-        high_res: ``full`` (GSLM's) or IRN's ``padded`` (:data:`lit_wsss.cams.HIGH_RES_RULES`).
-
-    Returns:
-        ``keys``, ``cam`` ``(K, ceil(H/4), ceil(W/4))`` and ``high_res`` ``(K, H, W)``, in ``[0, 1]`` when
-        ``cam_fn`` is bounded by tau.
-    """
-    sums = multiscale_cam_sums(cam_fn, image, keys, scales, high_res=high_res)
-    num_maps = 2 * len(scales)
-    return CAMRecord(
-        keys=sums["keys"],
-        cam=wam_normalise(sums["cam"], num_maps, tau),
-        high_res=wam_normalise(sums["high_res"], num_maps, tau),
-    )
-
-
-def slm_multiscale_cams(
-    cam_logits_fn: Callable[[Tensor], Tensor],
-    image: Tensor,
-    keys: Tensor,
-    head: str = "wam",
-    scales: Sequence[float] = DEFAULT_CAM_SCALES,
-    tau: float = TAU,
-    high_res: str = "full",
-) -> CAMRecord:
-    """The CAMs of a trained SLM (cls.md §3) for either head of P1, sized as GSLM's ``step/make_cam.py``
-    (``high_res="full"``: straight to the image size).
-
-    ``wam``: :func:`wam_multiscale_cams` of ``relu6(A)`` (absolute, ÷ tau). ``cam``: the GLM mixin
-    (:func:`lit_wsss.cams.multiscale_cams` of ``relu(A)``: sum, ÷ per-class max), as the released script
-    would export. The GLM itself uses :func:`lit_wsss.cams.multiscale_cams` directly.
-
-    Args:
-        cam_logits_fn: maps ``(N, 3, h, w)`` to the RAW ``A`` ``(N, C, h', w')``.
-        image, keys, scales: see :func:`wam_multiscale_cams`.
-        head: one of :data:`SLM_HEADS`.
-        tau: the bound of the ``wam`` head.
-        high_res: :data:`lit_wsss.cams.HIGH_RES_RULES`.
-    """
-    _check_head(head)
-    if head == "wam":
-        return wam_multiscale_cams(lambda x: bounded_cam(cam_logits_fn(x), tau), image, keys, scales, tau,
-                                   high_res)
-    return multiscale_cams(lambda x: F.relu(cam_logits_fn(x)), image, keys, scales, high_res=high_res)
-
-
 __all__ = [
     "GSLM_EPS",
     "LOSS_KEYS",
@@ -464,19 +325,13 @@ __all__ = [
     "TAU",
     "WAM_POOL_SIZE",
     "bounded_cam",
-    "class_activation_map",
     "classification_loss",
     "downsample_seeds",
     "gap_logits",
-    "gap_pool_weight",
     "max_normalise",
     "seg_loss",
     "seg_loss_terms",
     "slm_cam",
-    "slm_logits",
     "slm_losses",
-    "slm_multiscale_cams",
-    "wam_logits",
-    "wam_multiscale_cams",
     "wam_normalise",
 ]

@@ -28,11 +28,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_wsss.cams import CAMRecord
+from lit_wsss.cams import CAMRecord, multiscale_cams
 from lit_wsss.checkpoints import load_initial_state_dict
-from lit_wsss.losses.gslm import SLM_HEADS, TAU, WAM_POOL_SIZE, slm_losses, slm_multiscale_cams
+from lit_wsss.losses.gslm import SLM_HEADS, TAU, WAM_POOL_SIZE, bounded_cam, gap_logits, slm_losses, wam_normalise
 from lit_wsss.modules.base import WSSSModule
 from lit_wsss.modules.cam_head import CAMHeadMixin
 
@@ -85,15 +86,33 @@ class GSLM(CAMHeadMixin, WSSSModule):
                              "masks (`lit-wsss gslm` does)")
         hp = self.hparams
         cam_logits = self.classifier(self.features(batch["image"]))
-        return slm_losses(cam_logits, batch["labels"], batch["mask"], self.pool.weight if hp.head == "wam" else None,
-                          head=hp.head, seg_weight=hp.seg_weight, tau=hp.tau, seg_reduction=hp.seg_reduction)
+        return slm_losses(self.slm_logits(cam_logits), cam_logits, batch["labels"], batch["mask"], head=hp.head,
+                          seg_weight=hp.seg_weight, tau=hp.tau, seg_reduction=hp.seg_reduction)
+
+    def slm_logits(self, cam_logits: Tensor) -> Tensor:
+        """Image logits ``(B, C)``: the learned pooling ``Conv_{C->C, k x k}(AdaptiveAvgPool_{k x k}(A))`` of the
+        raw map (``wam``, §2.4, P10; the GAP of maps whose size is a multiple of k when the weight is 1/k^2 on
+        the diagonal) or GAP (``cam``, P1)."""
+        if self.hparams.head == "wam":
+            size = self.pool.kernel_size
+            return self.pool(F.adaptive_avg_pool2d(cam_logits, size)).flatten(1)
+        return gap_logits(cam_logits)
 
     @torch.no_grad()
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:
         """wam: relu6 CAMs, mean of the 8 maps / tau (absolute); cam: the GLM's normalisation (§2.2, §3, P2)."""
+        hp = self.hparams
         keys = torch.nonzero(labels > 0.5).flatten()
-        return slm_multiscale_cams(lambda x: self.classifier(self.features(x)), image, keys, self.hparams.head,
-                                   self.hparams.cam_scales, self.hparams.tau, self.cam_high_res_rule)
+
+        def cam_logits(x: Tensor) -> Tensor:
+            return self.classifier(self.features(x))
+
+        if hp.head == "wam":
+            return multiscale_cams(lambda x: bounded_cam(cam_logits(x), hp.tau), image, keys, hp.cam_scales,
+                                   high_res=self.cam_high_res_rule,
+                                   normalise=lambda summed, maps: wam_normalise(summed, maps, hp.tau))
+        return multiscale_cams(lambda x: F.relu(cam_logits(x)), image, keys, hp.cam_scales,
+                               high_res=self.cam_high_res_rule)
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()
