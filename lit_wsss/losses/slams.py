@@ -32,7 +32,7 @@ Shapes: ``C`` foreground classes, ``K = C + 1`` categories with background at in
     L      = 1.0 L_cf + 1.0 L_cb + 0.075 L_ar + 1.0 L_con   [S weights; S's fifth term L_cls (seg_sim_loss)
              needs class tokens a CNN lacks: left out, R]
 
-    Inference (§4)                                                                activation_map
+    Inference (§4)                                                           SLAMs.infer_cams
     A_s    = relu(Z(image_s))[:, 1:]  (logits, NOT sigmoid; background dropped, §8 P6)  cam_from_logits
     CAM    = sum over scales (0.5, 1, 1.5, 2) x {id, h-flip}; keep label channels; / (max + 1e-5)
 
@@ -57,7 +57,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_wsss.cams import CAMRecord, multiscale_cams
 
 #: Embedding size ``E`` (slams.md §2, §6: ``--class_dim 256``).
 EMBED_DIM = 256
@@ -84,7 +83,6 @@ STAGE_B_KEYS = ("cf", "cb", "ar", "con")
 
 Reduction = Literal["sum", "mean"]
 Consistency = Literal["complementation", "view"]
-HighRes = Literal["full", "padded"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -675,41 +673,3 @@ def cam_from_logits(logits: Tensor) -> Tensor:
     if logits.dim() != 4 or logits.shape[1] < 2:
         raise ValueError(f"logits must be (N, K >= 2, h, w), got {tuple(logits.shape)}")
     return F.relu(logits[:, 1:])
-
-
-@torch.no_grad()
-def activation_map(
-    segnet: Callable[[Tensor], Tensor],
-    image: Tensor,
-    keys: Tensor,
-    scales: Sequence[float] = SLAMS_CAM_SCALES,
-    high_res: HighRes = "full",
-) -> CAMRecord:
-    """Multi-scale + flip activation map of one image (slams.md §4, [S] inference_semformer.py; CNN R).
-
-    For each scale the image (rescaled with antialiased bicubic, see :func:`lit_wsss.cams.scaled_flip_pairs`)
-    and its h-flip go through ``segnet``; :func:`cam_from_logits` keeps the ReLU'd object logits; the flip
-    is flipped back and added; the maps of the image-label channels are bilinearly resized
-    (``align_corners=False``) and SUMMED over scales, then divided by their spatial max + 1e-5.
-    SemFormer's class-to-patch attention factor has no CNN counterpart and is omitted [S/R].
-
-    ``high_res="full"`` (default, §4 "to full size") resizes straight to ``H x W``; ``"padded"`` is IRN's
-    protocol (resize to the 16-multiple padded size, then crop; :func:`lit_wsss.cams.multiscale_cams`) [R:
-    the alternative]. The strided map is at ``ceil(H/4) x ceil(W/4)`` either way.
-
-    Args:
-        segnet: ``(n, 3, h, w) -> (n, K, h', w')`` logits.
-        image: ``(3, H, W)`` or ``(1, 3, H, W)`` normalised image at its original size.
-        keys: ``(L,)`` 0-based FOREGROUND class indices of the image labels.
-        scales: rescale factors (0.5, 1, 1.5, 2).
-        high_res: ``"full"`` or ``"padded"``.
-
-    Returns:
-        :class:`lit_wsss.cams.CAMRecord` with ``keys``, ``cam`` ``(L, ceil(H/4), ceil(W/4))`` and
-        ``high_res`` ``(L, H, W)``, each channel's max ``m / (m + 1e-5)`` (or all 0).
-    """
-
-    def cam_fn(batch: Tensor) -> Tensor:
-        return cam_from_logits(segnet(batch))
-
-    return multiscale_cams(cam_fn, image, keys, scales, high_res=high_res)

@@ -34,12 +34,12 @@ from torch import Tensor, nn
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from lit_wsss.backbones import Backbone, build_backbone
-from lit_wsss.cams import CAMRecord
+from lit_wsss.cams import CAMRecord, multiscale_cams
 from lit_wsss.losses.slams import (
     SE_SIZE,
     SLAMS_CAM_SCALES,
-    activation_map,
     activation_map_losses,
+    cam_from_logits,
     encoder_losses,
     encoder_similarity,
     se_image,
@@ -192,9 +192,12 @@ class SLAMs(CAMHeadMixin, WSSSModule):
 
     @torch.no_grad()
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:
-        """relu(Z) of the object channels, scales + flips summed, per-class max-normalised (§4, P6)."""
+        """relu(Z) of the object channels (raw logits, not sigmoid), scales + flips summed, per-class
+        max-normalised, resized straight to the image size (§4, P6). SemFormer's class-to-patch attention
+        factor has no CNN counterpart and is omitted [S/R]."""
         keys = torch.nonzero(labels > 0.5).flatten()
-        return activation_map(self.segment, image, keys, self.hparams.cam_scales, self.cam_high_res_rule)
+        return multiscale_cams(lambda x: cam_from_logits(self.segment(x)), image, keys, self.hparams.cam_scales,
+                               high_res=self.cam_high_res_rule)
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()
