@@ -5,7 +5,13 @@ BIN    := $(VENV)/bin
 METHOD ?= cam
 DATA   ?= voc
 ARGS   ?=
-CFG    := --config experiments/$(DATA)/_base.yaml --config experiments/$(DATA)/$(METHOD).yaml
+# experiments/<data>/_base.yaml, then the method's recipe (experiments/methods/) and what the data set changes
+# (experiments/<data>/), the layering of lit_wsss.stages.configs
+METHOD_FILES := $(wildcard experiments/methods/$(METHOD).yaml experiments/$(DATA)/$(METHOD).yaml)
+ifeq ($(METHOD_FILES),)
+$(error METHOD=$(METHOD) DATA=$(DATA): neither experiments/methods/$(METHOD).yaml nor experiments/$(DATA)/$(METHOD).yaml exists)
+endif
+CFG    := --config experiments/$(DATA)/_base.yaml $(foreach f,$(METHOD_FILES),--config $(f))
 
 # Offline-safe defaults (../shared/stack.md, "Pitfalls").
 export NO_ALBUMENTATIONS_UPDATE := 1

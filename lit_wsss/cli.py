@@ -1,7 +1,9 @@
 """The one command line: ``lit-wsss {fit,validate,test,predict} --config ...`` (style.md P4).
 
-Configs are layered with repeated ``--config`` flags, left to right (experiments/<data>/_base.yaml, then
-experiments/<data>/<method>.yaml, then anything else). ``data.num_classes`` is declared once, by the
+Configs are layered with repeated ``--config`` flags, left to right: experiments/<data>/_base.yaml, then the
+method's recipe experiments/methods/<method>.yaml (only what differs from the constructor defaults), then what the
+data set changes, experiments/<data>/<method>.yaml where it exists (``lit_wsss.stages.configs``, ``make train``),
+then anything else. ``data.num_classes`` is declared once, by the
 DataModule, and linked into the model.
 """
 

@@ -22,8 +22,7 @@ import torch
 from lit_wsss.cams import cams_to_mask
 from lit_wsss.cli import run_cli
 from lit_wsss.metrics import MeanIoU
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from lit_wsss.stages import EXPERIMENTS, configs
 
 
 def trivial_baselines(dataset: Any, num_classes: int, bg_threshold: float) -> dict[str, float]:
@@ -43,13 +42,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="outputs/demo", help="run folder (checkpoints, logs, results)")
     parser.add_argument("--data-root", default="data/synthetic", help="where the synthetic set is written")
     parser.add_argument("extra", nargs="*", help="more lit-wsss arguments, e.g. --trainer.max_epochs=4")
-    args = parser.parse_args(argv)
+    # `--trainer.max_epochs=4` looks like an option to argparse: what it does not know goes to the Lightning CLI
+    args, unknown = parser.parse_known_args(argv)
+    args.extra = [*args.extra, *unknown]
     if not (EXPERIMENTS / "synth" / "_base.yaml").is_file():
         sys.exit(f"experiments/ not found next to the package ({EXPERIMENTS}); run the demo from a checkout")
     cli = run_cli([
         "fit",
-        "--config", str(EXPERIMENTS / "synth" / "_base.yaml"),
-        "--config", str(EXPERIMENTS / "synth" / "cam.yaml"),
+        *configs("synth", "cam"),
         f"--data.init_args.root={args.data_root}",
         f"--trainer.default_root_dir={args.out}",
         "--trainer.logger=" + json.dumps([

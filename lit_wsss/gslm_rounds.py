@@ -1,6 +1,6 @@
 """``lit-wsss gslm``: GSLM's rounds as one command (../shared/methods/cls.md §2.3-§2.5); ``make train METHOD=gslm``.
 
-GLM (the baseline CAM, ``experiments/<data>/cam.yaml``) -> CAMs of the training list -> seeds (confident
+GLM (the baseline CAM, ``experiments/methods/cam.yaml``) -> CAMs of the training list -> seeds (confident
 fg 0.30 / bg 0.05, dense CRF with Gaussian compat 10, 255 between) -> SLM round 1 (``gslm.yaml``, from the
 GLM weights) -> its CAMs -> new seeds -> SLM round 2 (from round 1) -> ... Each round has a fresh optimizer
 and poly schedule, evaluates at 0.15 + 0.1 r (``round_thresholds``), and keeps its CAMs, seeds, checkpoint

@@ -40,6 +40,7 @@ from lit_wsss.stages import (
     export_cams,
     fit,
     ir_labels,
+    method_files,
     predict,
     produced_classes,
     segment,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lit-wsss pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="synth", help="experiments/<data>/ (synth or voc)")
-    parser.add_argument("--method", default="cam", help="the CAM method: experiments/<data>/<method>.yaml")
+    parser.add_argument("--method", default="cam", help="the CAM method: experiments/methods/<method>.yaml + experiments/<data>/<method>.yaml")
     parser.add_argument("--cam-config", action="append", default=[], help="extra config for the CAM stages")
     parser.add_argument("--irn-config", action="append", default=[], help="extra config for the IRNet stages")
     parser.add_argument("--root", required=True, help="VOC-layout root of the images and masks")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cam-args", default="", help="extra lit-wsss arguments for CAM training and export")
     parser.add_argument("--irn-args", default="", help="extra lit-wsss arguments for IRNet training and inference")
     parser.add_argument("--encoder-args", default="",
-                        help="extra lit-wsss arguments for a method's stage-A encoder (experiments/<data>/"
+                        help="extra lit-wsss arguments for a method's stage-A encoder (experiments/methods/"
                              "<method>_encoder.yaml, e.g. SLAMs)")
     parser.add_argument("--ir-args", default="",
                         help="extra ir-labels arguments, e.g. '--fg 0.5 --bg 0.2' (the background convention is "
@@ -158,14 +159,18 @@ def main(argv: list[str] | None = None) -> int:
     if same_list(Path(args.root), seg_eval_list, args.list) and not (args.no_segmentation or args.cams_only):
         parser.error(f"--seg-eval-list equals --list ({args.list}): the final score needs held-out images "
                      "(or --no-segmentation)")
+    data_args = [f"--data.init_args.root={args.root}"]
+    try:  # the upper bound trains no CAM network
+        cam_args = ([] if args.method == GROUND_TRUTH else
+                    configs(args.data, args.method, args.cam_config) + data_args + shlex.split(args.cam_args))
+    except FileNotFoundError as error:
+        parser.error(f"--method {args.method}: {error}")
     out = Path(args.out or f"outputs/pipeline/{args.data}-{args.method}")
     out.mkdir(parents=True, exist_ok=True)
     try:
         ir_options = refinement_options(shlex.split(args.ir_args))
     except ValueError as error:
         parser.error(f"--ir-args: {error}")
-    data_args = [f"--data.init_args.root={args.root}"]
-    cam_args = configs(args.data, args.method, args.cam_config) + data_args + shlex.split(args.cam_args)
     irn_args = configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
     cams, ir_label_dir, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
     rounds = 0  # GSLM's SLM rounds
@@ -175,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         rounds = args.gslm_rounds if args.gslm_rounds is not None else NUM_ROUNDS
         seed_list, _ = resolve_lists(args.data, args.train_list, args.list)
         cams = scored_cams(out / "gslm", rounds - 1, seed_list, args.list)
-    encoder_config = EXPERIMENTS / args.data / f"{args.method}_encoder.yaml"
-    encoder_args = ["--config", str(EXPERIMENTS / args.data / "_base.yaml"), "--config", str(encoder_config),
-                    *data_args, *shlex.split(args.encoder_args)]
-    if encoder_config.is_file():  # a method trained in two stages: its CAM network needs the encoder (SLAMs)
+    two_stage = bool(method_files(args.data, f"{args.method}_encoder"))
+    encoder_args = ([*configs(args.data, f"{args.method}_encoder"), *data_args, *shlex.split(args.encoder_args)]
+                    if two_stage else [])
+    if two_stage:  # a method trained in two stages: its CAM network needs the encoder (SLAMs)
         cam_args.append(f"--model.init_args.encoder_checkpoint={out / 'encoder' / 'checkpoints' / 'last.ckpt'}")
     stage = StageRecorder(out / "pipeline.json", "pipeline")
 
@@ -226,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         segmentation_stages(training_mask_folder(Path(args.root)))
         return 0
 
-    if encoder_config.is_file():
+    if two_stage:
         stage("train encoder", lambda: checkpoints.update(encoder=fit(encoder_args, out / "encoder")),
               lambda: {"checkpoint": str(checkpoints["encoder"])})
     if args.method == "gslm":

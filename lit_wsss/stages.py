@@ -24,13 +24,22 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 FIT_DONE = "fit_done.json"
 
 
-def configs(data: str, method: str, extra: Sequence[str] = ()) -> list[str]:
-    """``--config`` arguments of a method on a data set: ``experiments/<data>/_base.yaml``, ``<method>.yaml``,
-    then ``extra`` config files."""
-    args = ["--config", str(EXPERIMENTS / data / "_base.yaml"), "--config", str(EXPERIMENTS / data / f"{method}.yaml")]
-    for path in extra:
-        args += ["--config", str(path)]
-    return args
+def method_files(data: str, method: str) -> list[Path]:
+    """The files of a method on a data set that exist, in layering order: ``experiments/methods/<method>.yaml``
+    (the paper's recipe: only what differs from the constructor defaults), then ``experiments/<data>/<method>.yaml``
+    (what the data set changes: lists, schedule, the synthetic set's CPU recipe)."""
+    return [path for path in (EXPERIMENTS / "methods" / f"{method}.yaml", EXPERIMENTS / data / f"{method}.yaml")
+            if path.is_file()]
+
+
+def configs(data: str, method: str, extra: Sequence[str | Path] = ()) -> list[str]:
+    """``--config`` arguments of a method on a data set: ``experiments/<data>/_base.yaml``, the method's files
+    (:func:`method_files`, at least one), then ``extra`` config files."""
+    files = method_files(data, method)
+    if not files:
+        raise FileNotFoundError(f"no config of method {method!r} on data {data!r}: expected "
+                                f"{EXPERIMENTS / 'methods' / f'{method}.yaml'} or {EXPERIMENTS / data / f'{method}.yaml'}")
+    return [arg for path in (EXPERIMENTS / data / "_base.yaml", *files, *extra) for arg in ("--config", str(path))]
 
 
 def fit(args: Sequence[str], run_dir: Path) -> Path:

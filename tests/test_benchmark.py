@@ -53,21 +53,20 @@ def test_shipped_budgets_parse_into_every_stage(path, monkeypatch, capsys):
     import shlex
 
     from lit_wsss.cli import main as cli_main
+    from lit_wsss.stages import configs
 
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     budget = read_budget(path)
     assert set(budget.get("methods") or METHODS) <= set(METHODS)
-    experiments = Path(__file__).resolve().parents[1] / "experiments" / "voc"
-    for method, flag, config in [("slams", "--cam-args=", "slams.yaml"), ("slams", "--encoder-args=", "slams_encoder.yaml"),
-                                 ("gslm", "--slm-args=", "gslm.yaml"), ("cam", "--irn-args=", "irn.yaml"),
-                                 ("cam", "--seg-args=", "deeplab.yaml")]:
+    for method, flag, config in [("slams", "--cam-args=", "slams"), ("slams", "--encoder-args=", "slams_encoder"),
+                                 ("gslm", "--slm-args=", "gslm"), ("cam", "--irn-args=", "irn"),
+                                 ("cam", "--seg-args=", "deeplab")]:
         args = pipeline_args(method, budget, "voc", "root", "out")
         extra = shlex.split(next(a for a in args if a.startswith(flag))[len(flag):])
         if flag == "--slm-args=":
             extra = shlex.split(next(a for a in args if a.startswith("--cam-args="))[len("--cam-args="):]) + extra
         with pytest.raises(SystemExit) as exit_info:
-            cli_main(["fit", "--config", str(experiments / "_base.yaml"), "--config", str(experiments / config),
-                      *extra, "--print_config"])
+            cli_main(["fit", *configs("voc", config), *extra, "--print_config"])
         assert exit_info.value.code in (None, 0), (method, flag, capsys.readouterr().err[-2000:])
         capsys.readouterr()
 

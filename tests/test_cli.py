@@ -1,29 +1,42 @@
 """The one CLI: every experiment file parses, and the real VOC path trains with fast_dev_run."""
 
+import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lit_wsss.cli import main
+from lit_wsss.stages import configs, method_files
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 DATA_SETS = sorted(p.name for p in EXPERIMENTS.iterdir() if (p / "_base.yaml").is_file())
-METHOD_FILES = [(d, f.name) for d in DATA_SETS for f in sorted((EXPERIMENTS / d).glob("[!_]*.yaml"))]
 TRAINER_FILES = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
-#: prediction stages and the method file they are layered on
-STAGE_FILES = {"predict_cams.yaml": "cam.yaml", "pseudo_labels.yaml": "irn.yaml", "segment.yaml": "deeplab.yaml"}
+#: prediction stages and the method they are layered on
+STAGE_FILES = {"predict_cams.yaml": "cam", "pseudo_labels.yaml": "irn", "segment.yaml": "deeplab"}
+# Overlays (data-set variants) and the methods / overlays they are layered on; every other file is a method.
+OVERLAYS = {"mini": ["cam"], "mini_cpu": ["cam", "mini"], "mini_irn": ["irn"]}
 
 
-# Overlays (data-set variants) and the files they are layered on; every other file is a method.
-OVERLAYS = {"mini.yaml": ["cam.yaml"], "mini_cpu.yaml": ["cam.yaml", "mini.yaml"], "mini_irn.yaml": ["irn.yaml"]}
+def stems(folder: Path) -> set[str]:
+    return {p.stem for p in folder.glob("[!_]*.yaml")}
+
+
+#: every (data set, method or overlay): experiments/methods/ recipes on every data set, plus each data set's own
+METHOD_FILES = [(d, m) for d in DATA_SETS for m in sorted((stems(EXPERIMENTS / "methods") | stems(EXPERIMENTS / d)))
+                if m not in OVERLAYS or (EXPERIMENTS / d / f"{m}.yaml").is_file()]
 
 
 def config_args(data: str, method: str) -> list[str]:
-    files = ["_base.yaml", *OVERLAYS.get(method, []), method]
-    return [arg for name in files for arg in ("--config", str(EXPERIMENTS / data / name))]
+    """The CLI's layering (lit_wsss.stages.configs); an overlay comes after the method it is layered on."""
+    if method in OVERLAYS:
+        base, *more = OVERLAYS[method]
+        return configs(data, base, [EXPERIMENTS / data / f"{name}.yaml" for name in (*more, method)])
+    return configs(data, method)
 
 
 def csv_logger(save_dir) -> str:
@@ -49,7 +62,7 @@ def test_print_config(data, method, capsys):
 @pytest.mark.parametrize("trainer_file", TRAINER_FILES, ids=lambda p: p.name)
 def test_print_config_trainer_overlays(trainer_file, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", *config_args("voc", "cam.yaml"), "--config", str(trainer_file), "--print_config"])
+        main(["fit", *config_args("voc", "cam"), "--config", str(trainer_file), "--print_config"])
     assert "strategy" in capsys.readouterr().out
 
 
@@ -66,17 +79,49 @@ def test_every_experiment_file_is_a_config_of_the_cli():
     """Every YAML under experiments/ is checked by one of the --print_config tests above (issue 13: a file there
     that the CLI refuses, like a benchmark budget, is a trap for `lit-wsss fit --config`)."""
     checked = {EXPERIMENTS / data / "_base.yaml" for data in DATA_SETS}
-    checked |= {EXPERIMENTS / data / name for data, name in METHOD_FILES}
+    checked |= {Path(path) for data, method in METHOD_FILES for path in config_args(data, method)[1::2]}
     checked |= set(TRAINER_FILES) | {EXPERIMENTS / "stages" / name for name in STAGE_FILES}
     unchecked = sorted(str(p.relative_to(EXPERIMENTS)) for p in EXPERIMENTS.rglob("*.y*ml") if p not in checked)
     assert not unchecked, f"experiments/ files no CLI test parses (budgets belong in benchmarks/budgets/): {unchecked}"
+
+
+def constructor_defaults(cls: type) -> dict:
+    """Keyword defaults of ``cls`` and of the classes its ``**kwargs`` reach (the MRO's ``__init__``s)."""
+    defaults: dict = {}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            for param in inspect.signature(klass.__init__).parameters.values():
+                if param.default is not param.empty:
+                    defaults.setdefault(param.name, param.default)
+    return defaults
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "methods").glob("*.yaml")), ids=lambda p: p.stem)
+def test_method_files_state_only_what_differs_from_the_defaults(path):
+    """Issue 15 part 4: a recipe in experiments/methods/ restates no constructor default of its model."""
+    model = yaml.safe_load(path.read_text())["model"]
+    module, name = model["class_path"].rsplit(".", 1)
+    defaults = constructor_defaults(getattr(importlib.import_module(module), name))
+    restated = {key: value for key, value in (model.get("init_args") or {}).items()
+                if key in defaults and value is not None and value == (list(defaults[key])
+                                                                       if isinstance(defaults[key], tuple) else defaults[key])}
+    assert not restated, f"{path.name} restates defaults of {name}: {restated}"
+
+
+def test_method_layering_and_unknown_method():
+    """The data set's file comes after the method's recipe; a method with neither file is an error naming both."""
+    assert method_files("synth", "cam") == [EXPERIMENTS / "methods" / "cam.yaml", EXPERIMENTS / "synth" / "cam.yaml"]
+    assert method_files("voc", "cam") == [EXPERIMENTS / "methods" / "cam.yaml"]
+    assert method_files("coco", "irn") == []
+    with pytest.raises(FileNotFoundError, match=r"methods/nope\.yaml.*voc/nope\.yaml"):
+        configs("voc", "nope")
 
 
 def test_voc_mini_fast_dev_run(shared_data, tmp_path):
     """Real VOC images and official masks through the experiments/voc files (resnet18, random init, CPU)."""
     mini = shared_data / "voc12-mini"
     main([
-        "fit", *config_args("voc", "mini.yaml"),
+        "fit", *config_args("voc", "mini"),
         "--data.init_args.root", str(mini),
         "--data.init_args.train_list", str(mini / "val.txt"),
         "--data.init_args.val_list", str(mini / "train.txt"),
@@ -93,7 +138,7 @@ def test_voc_mini_fast_dev_run(shared_data, tmp_path):
 
 def test_bad_config_key_is_reported(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *config_args("voc", "cam.yaml"), "--model.init_args.no_such_option", "1"])
+        main(["fit", *config_args("voc", "cam"), "--model.init_args.no_such_option", "1"])
     assert exit_info.value.code != 0
     assert "no_such_option" in capsys.readouterr().err
 
@@ -101,7 +146,7 @@ def test_bad_config_key_is_reported(capsys):
 def test_synthetic_fit_writes_a_checkpoint_with_its_protocol(tmp_path):
     """The built-in data path end to end: generate, train 2 steps, validate, checkpoint with protocol."""
     main([
-        "fit", *config_args("synth", "cam.yaml"),
+        "fit", *config_args("synth", "cam"),
         f"--data.init_args.root={tmp_path / 'synthetic'}",
         "--data.init_args.num_train=8", "--data.init_args.num_val=2", "--data.init_args.batch_size=4",
         "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
@@ -125,7 +170,7 @@ def test_voc_mini_predict_then_eval_cam(shared_data, tmp_path):
     mini = shared_data / "voc12-mini"
     cams = tmp_path / "cams"
     main([
-        "predict", *config_args("voc", "mini.yaml"), "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
+        "predict", *config_args("voc", "mini"), "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
         "--data.init_args.root", str(mini),
         "--data.init_args.predict_list", str(mini / "train.txt"),
         "--data.init_args.cls_labels", str(shared_data / "voc12" / "cls_labels.npy"),

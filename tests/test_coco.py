@@ -2,7 +2,6 @@
 
 import json
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -21,8 +20,8 @@ from lit_wsss.datamodules.coco import (
     decode_rle_string,
     load_instances,
 )
+from lit_wsss.stages import configs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "coco"
 # COCO's 80 sparse category ids
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
 CATEGORIES = [{"id": i, "name": n, "supercategory": "x"} for i, n in zip(COCO_IDS, COCO_CLASSES)]
@@ -381,7 +380,7 @@ def clean_argv(monkeypatch):
 
 
 def config_args():
-    return ["--config", str(EXPERIMENTS / "_base.yaml"), "--config", str(EXPERIMENTS / "cam.yaml")]
+    return configs("coco", "cam")
 
 
 def test_print_config(clean_argv, capsys):

@@ -5,7 +5,6 @@ test_complementary_pair.py; the backbone's frozen BN in test_resnet38d.py).
 """
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from lit_wsss.cli import main
 from lit_wsss.datamodules.transforms import build_train_transform
 from lit_wsss.metrics import ThresholdSweep
 from lit_wsss.modules import CPN
+from lit_wsss.stages import configs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def make_cpn(**kwargs) -> CPN:
@@ -160,7 +159,7 @@ def test_transform_draws_reproducible_masks():
 @pytest.mark.filterwarnings("ignore:The number of training batches")
 def test_cli_fast_dev_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
-    main(["fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / "cpn.yaml"),
+    main(["fit", *configs("synth", "cpn"),
           f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=4",
           "--data.init_args.num_val=2", "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
           "--data.init_args.batch_size=2", "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",

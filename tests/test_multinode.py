@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from lit_wsss.datamodules.synthetic import generate_synthetic_voc
+from lit_wsss.stages import configs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -30,8 +31,7 @@ def test_two_nodes_one_process_each_train_a_few_steps(tmp_path):
             sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
             "-m", "lit_wsss", "fit",
-            "--config", str(EXPERIMENTS / "synth" / "_base.yaml"),
-            "--config", str(EXPERIMENTS / "synth" / "cam.yaml"),
+            *configs("synth", "cam"),
             "--config", str(EXPERIMENTS / "trainer" / "ddp_multinode.yaml"),
             "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.num_nodes=2",
             f"--data.init_args.root={data}", "--data.init_args.num_train=16", "--data.init_args.num_val=2",

@@ -32,7 +32,7 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
                       + (" --model.init_args.encoder_backbone=resnet18 --model.init_args.se_size=32"
                          if method == "slams" else ""),
         "--irn-args", f"{data} --data.init_args.crop_size=96 --model.init_args.crop_size=96 {common}",
-        # SLAMs: stage A first (experiments/synth/slams_encoder.yaml), its checkpoint passed to stage B
+        # SLAMs: stage A first (experiments/methods/slams_encoder.yaml + synth/slams_encoder.yaml), its checkpoint passed to stage B
         "--encoder-args", f"{data} --data.init_args.num_train=8 --data.init_args.num_val=4 "
                           f"--data.init_args.generator_seed=7 --data.init_args.crop_size=64 {common} "
                           "--model.init_args.se_size=32 --trainer.limit_val_batches=1",
@@ -90,6 +90,10 @@ def test_ground_truth_upper_bound_trains_on_the_masks(tmp_path, monkeypatch, cap
         main(["--data", "synth", "--method", "ground_truth", "--root", str(root), "--list", "val",
               "--out", str(tmp_path / "leak"), "--seg-args", data])
     assert not (tmp_path / "leak").exists() and "held-out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a method without a config file: refused, naming the files it looked for
+        main(["--data", "synth", "--method", "nope", "--root", str(root), "--list", "train",
+              "--out", str(tmp_path / "nope")])
+    assert not (tmp_path / "nope").exists() and "methods/nope.yaml" in capsys.readouterr().err
 
 
 def test_an_interrupted_training_resumes_and_a_finished_one_is_skipped(tmp_path, monkeypatch):

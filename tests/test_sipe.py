@@ -17,6 +17,7 @@ from lit_wsss.cams import cams_to_mask
 from lit_wsss.cli import main
 from lit_wsss.modules import IRN, SIPE
 from lit_wsss.refine.random_walk import random_walk, walk_scores
+from lit_wsss.stages import configs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -131,15 +132,15 @@ def clean_argv(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
 def test_cli_fit_predict_eval_and_ir_labels(tmp_path, clean_argv):
-    """fast_dev_run of experiments/synth/sipe.yaml, IS-CAM export with bg, argmax evaluation, explicit IR labels."""
-    configs = ["--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / "sipe.yaml")]
+    """fast_dev_run of experiments/{methods,synth}/sipe.yaml, IS-CAM export with bg, argmax evaluation, explicit IR labels."""
+    sipe_configs = configs("synth", "sipe")
     data = [f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=8",
             "--data.init_args.num_val=4", "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
             "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",
             "--model.init_args.cam_scales=[1.0, 0.5]"]
     logger = ('--trainer.logger=[{"class_path": "pytorch_lightning.loggers.CSVLogger", '
               f'"init_args": {{"save_dir": "{tmp_path}", "name": "sipe"}}}}]')
-    main(["fit", *configs, *data, "--data.init_args.batch_size=4", "--trainer.max_steps=2",
+    main(["fit", *sipe_configs, *data, "--data.init_args.batch_size=4", "--trainer.max_steps=2",
           "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={tmp_path}",
           logger])
     checkpoint_path = next(tmp_path.rglob("last.ckpt"))
@@ -150,7 +151,7 @@ def test_cli_fit_predict_eval_and_ir_labels(tmp_path, clean_argv):
     assert any(k.startswith("side4.") for k in checkpoint["state_dict"])
 
     cams = tmp_path / "cams"
-    main(["predict", *configs, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"), *data,
+    main(["predict", *sipe_configs, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"), *data,
           "--data.init_args.predict_list=val", f"--ckpt_path={checkpoint_path}",
           f"--trainer.callbacks.init_args.out_dir={cams}"])
     root = tmp_path / "synthetic"

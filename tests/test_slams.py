@@ -4,15 +4,14 @@ slams.md §10 items 6-8 at the module level (items 1-7 on the pure functions are
 """
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from lit_wsss.cli import main
 from lit_wsss.modules import SLAMs, SemanticEncoder
+from lit_wsss.stages import configs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +89,18 @@ def test_stage_a_loss_and_label_only_validation(encoder_checkpoint):
 @pytest.mark.filterwarnings("ignore:The number of training batches", "ignore:Be aware that when using",
                             "ignore:No positive samples found in target", "ignore:Found .* module.s. in eval mode")
 def test_cli_two_stages(tmp_path, monkeypatch):
-    """Stage A from experiments/synth/slams_encoder.yaml (2 steps), then stage B fast_dev_run with its checkpoint."""
+    """Stage A from experiments/{methods,synth}/slams_encoder.yaml (2 steps), then stage B fast_dev_run with its checkpoint."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     data = [f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=4",
             "--data.init_args.num_val=2", "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
             "--data.init_args.batch_size=2", "--model.init_args.pretrained=null", "--model.init_args.se_size=32"]
     logger = ('--trainer.logger=[{"class_path": "pytorch_lightning.loggers.CSVLogger", '
               f'"init_args": {{"save_dir": "{tmp_path}", "name": "encoder"}}}}]')
-    main(["fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"),
-          "--config", str(EXPERIMENTS / "synth" / "slams_encoder.yaml"), *data, "--model.init_args.backbone=resnet18",
+    main(["fit", *configs("synth", "slams_encoder"), *data, "--model.init_args.backbone=resnet18",
           "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1",
           f"--trainer.default_root_dir={tmp_path}", logger])
     checkpoint = next(tmp_path.rglob("last.ckpt"))
-    main(["fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / "slams.yaml"),
+    main(["fit", *configs("synth", "slams"),
           *data, "--model.init_args.backbone=resnet18", "--model.init_args.encoder_backbone=resnet18",
           f"--model.init_args.encoder_checkpoint={checkpoint}", "--model.init_args.cam_scales=[1.0]",
           "--trainer.fast_dev_run=true", f"--trainer.default_root_dir={tmp_path / 'b'}"])

@@ -5,7 +5,6 @@ test_vwe_losses.py).
 """
 
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +13,8 @@ import torch
 from lit_wsss.cams import cams_to_mask
 from lit_wsss.cli import main
 from lit_wsss.modules import VWE
+from lit_wsss.stages import configs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 def make_vwe(**kwargs) -> VWE:
@@ -127,7 +126,7 @@ def test_memory_bank_codebook_is_a_buffer_updated_after_the_loss():
 @pytest.mark.parametrize("strategy", ["ijcai", "memory_bank"])
 def test_cli_fast_dev_run(strategy, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
-    main(["fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / "vwe.yaml"),
+    main(["fit", *configs("synth", "vwe"),
           f"--data.init_args.root={tmp_path / 'synthetic'}", "--data.init_args.num_train=4",
           "--data.init_args.num_val=2", "--data.init_args.num_workers=0", "--data.init_args.crop_size=64",
           "--data.init_args.batch_size=2", "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",

@@ -3,13 +3,12 @@ and the same figures are saved as files (issue 3)."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from lit_wsss.cli import main
+from lit_wsss.stages import configs
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
@@ -44,7 +43,7 @@ def run_fit(method, tmp_path, logger):
     else:
         specific = ["--model.init_args.cam_scales=[1.0]"]
     main([
-        "fit", "--config", str(EXPERIMENTS / "synth" / "_base.yaml"), "--config", str(EXPERIMENTS / "synth" / f"{method}.yaml"),
+        "fit", *configs("synth", f"{method}"),
         f"--data.init_args.root={root}", "--data.init_args.num_train=8",
         "--data.init_args.num_val=3", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
         "--data.init_args.crop_size=64", "--model.init_args.backbone=resnet18", "--model.init_args.pretrained=null",

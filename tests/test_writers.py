@@ -16,6 +16,7 @@ import torch
 from lit_wsss.callbacks import CAMWriter
 from lit_wsss.datamodules import SyntheticVOCDataModule
 from lit_wsss.modules import CAM
+from lit_wsss.stages import configs
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -24,8 +25,7 @@ EXPERIMENTS = REPO / "experiments"
 def predict_command(data_root: Path, out_dir: Path) -> list[str]:
     return [
         sys.executable, "-m", "lit_wsss", "predict",
-        "--config", str(EXPERIMENTS / "synth" / "_base.yaml"),
-        "--config", str(EXPERIMENTS / "synth" / "cam.yaml"),
+        *configs("synth", "cam"),
         "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
         f"--data.init_args.root={data_root}", "--data.init_args.num_train=4", "--data.init_args.num_val=24",
         "--data.init_args.num_workers=0",

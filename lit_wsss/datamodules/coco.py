@@ -247,8 +247,7 @@ class COCODataModule(WSSSDataModule):
         train_list, val_list, predict_list: optional list files (SIPE's ``train_coco.txt`` style, one name per
             line) resolved like VOC lists. Without one, every image with at least one non-crowd annotation is
             used; SIPE's 82081 / 40137 lists presumably follow the same rule (protocol.md §1.4).
-        crop_size, resize_long, train_transform, seed_dir, batch_size, val_batch_size, num_workers:
-            see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
+        **kwargs: the loader and augmentation arguments of :class:`~lit_wsss.datamodules.base.WSSSDataModule`.
     """
 
     def __init__(
@@ -261,18 +260,9 @@ class COCODataModule(WSSSDataModule):
         train_list: str | None = None,
         val_list: str | None = None,
         predict_list: str | None = None,
-        crop_size: int = 512,
-        resize_long: tuple[int, int] = (320, 640),
-        train_transform: str = "irn_cls",
-        seed_dir: str | None = None,
-        batch_size: int = 16,
-        val_batch_size: int = 1,
-        num_workers: int = 4,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers, crop_size=crop_size,
-            resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self.root = Path(root)
         self.cache_dir = Path(cache_dir) if cache_dir else self.root / "lit_wsss_cache"

@@ -549,8 +549,9 @@ class SyntheticVOCDataModule(VOCDataModule):
         predict_list: split exported by ``lit-wsss predict`` (default ``val``).
         train_list, val_list: the training and validation lists (``train``, ``val``; a path or a name under
             the root, e.g. the segmentation stage's training part).
-        crop_size, resize_long, train_transform, seed_dir, batch_size, val_batch_size, num_workers:
-            see :class:`~lit_wsss.datamodules.voc.VOCDataModule`.
+        crop_size, resize_long, num_workers: CPU-sized defaults of the :class:`WSSSDataModule` arguments.
+        **kwargs: the other loader and augmentation arguments of
+            :class:`~lit_wsss.datamodules.base.WSSSDataModule` (``train_transform``, ``seed_dir``, ...).
     """
 
     def __init__(
@@ -568,17 +569,12 @@ class SyntheticVOCDataModule(VOCDataModule):
         val_list: str = "val",
         crop_size: int = 128,
         resize_long: tuple[int, int] = (96, 160),
-        train_transform: str = "irn_cls",
-        seed_dir: str | None = None,
-        batch_size: int = 16,
-        val_batch_size: int = 1,
         num_workers: int = 2,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root=root, train_list=train_list, val_list=val_list, predict_list=predict_list, mask_dir="SegmentationClass",
-            crop_size=crop_size,
-            resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir, batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers,
+            crop_size=crop_size, resize_long=resize_long, num_workers=num_workers, **kwargs,
         )
         self.class_names = SYNTHETIC_CLASS_NAMES[:num_classes]
         self.num_classes = num_classes

@@ -23,11 +23,9 @@ class VOCDataModule(WSSSDataModule):
             default ``<root>/cls_labels.npy``.
         mask_dir: ground-truth folder under ``root``: ``SegmentationClass`` (what IRN/SIPE/CPN evaluate
             against), ``SegmentationClassAug``, or ``auto`` (the first that exists, in that order).
-        crop_size: training crop (IRN 512).
-        resize_long: range of the random long side before cropping (IRN 320..640).
-        train_transform: named training pipeline (``lit_wsss.datamodules.transforms``).
-        seed_dir: pixel pseudo masks of the training images (GSLM), see :class:`WSSSDataModule`.
-        batch_size, val_batch_size, num_workers: see :class:`WSSSDataModule`.
+        **kwargs: the loader and augmentation arguments of :class:`WSSSDataModule` (``crop_size``,
+            ``resize_long``, ``train_transform``, ``seed_dir``, ``batch_size``, ``val_batch_size``,
+            ``num_workers``); its defaults are IRN's.
     """
 
     def __init__(
@@ -38,18 +36,9 @@ class VOCDataModule(WSSSDataModule):
         predict_list: str | None = None,
         cls_labels: str | None = None,
         mask_dir: str = "SegmentationClass",
-        crop_size: int = 512,
-        resize_long: tuple[int, int] = (320, 640),
-        train_transform: str = "irn_cls",
-        seed_dir: str | None = None,
-        batch_size: int = 16,
-        val_batch_size: int = 1,
-        num_workers: int = 4,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers, crop_size=crop_size,
-            resize_long=resize_long, train_transform=train_transform, seed_dir=seed_dir,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         # Read from attributes, not self.hparams: under LightningCLI a subclass's hparams hold only its own
         # config keys (e.g. SyntheticVOCDataModule sets the lists itself).

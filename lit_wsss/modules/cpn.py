@@ -45,7 +45,7 @@ class CPN(CAMHeadMixin, WSSSModule):
     """CPN on the shared CAM head (cpn.md §3-§7).
 
     Training needs the complementary-patch mask of each crop: data ``train_transform: cpn_superpixel``
-    (or ``cpn_grid``), set by ``experiments/*/cpn.yaml``.
+    (or ``cpn_grid``), set by ``experiments/methods/cpn.yaml``.
 
     Args:
         low_channels, high_channels: widths of f8_3 (on the conv4 tap) and f8_4 (on the conv5 tap): 64, 128.
@@ -140,7 +140,7 @@ class CPN(CAMHeadMixin, WSSSModule):
         """The triplet forward over (x, x1, x2) and the four loss terms of §5 (all weights 1)."""
         if "patch_keep" not in batch:
             raise ValueError("CPN needs the complementary-patch mask of each crop: set data.init_args."
-                             "train_transform to 'cpn_superpixel' or 'cpn_grid' (see experiments/*/cpn.yaml)")
+                             "train_transform to 'cpn_superpixel' or 'cpn_grid' (see experiments/methods/cpn.yaml)")
         image = batch["image"]
         keep = torch.stack(list(batch["patch_keep"])).to(image.device)[:, None]
         rho = torch.as_tensor(batch["rho"], dtype=image.dtype, device=image.device)

@@ -49,7 +49,7 @@ class SIPE(CAMHeadMixin, WSSSModule):
     """SIPE on the shared CAM head (sipe.md §2-§5).
 
     Training needs the in-image mask of each crop: use the data transform ``irn_cls_valid`` (the configs in
-    ``experiments/*/sipe.yaml`` set it) and ``gradient_clip_val: 1.0`` (global norm, S8).
+    ``experiments/methods/sipe.yaml`` set it) and ``gradient_clip_val: 1.0`` (global norm, S8).
 
     Args:
         side_channels: output widths of the 1x1 side convs on the last four backbone levels (ResNet-50:
@@ -91,7 +91,7 @@ class SIPE(CAMHeadMixin, WSSSModule):
         """L_cls + L_GSC (§3): seeds from x4 (S1), prototypes and IS-CAM from the hierarchical features."""
         if "valid" not in batch:
             raise ValueError("SIPE needs the in-image mask of each crop: set data.init_args.train_transform to "
-                             "'irn_cls_valid' (see experiments/*/sipe.yaml)")
+                             "'irn_cls_valid' (see experiments/methods/sipe.yaml)")
         labels = batch["labels"]
         levels = self.backbone(batch["image"])
         deep = levels[-1]

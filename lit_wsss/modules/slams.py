@@ -106,7 +106,7 @@ class SLAMs(CAMHeadMixin, WSSSModule):
     """Stage B of SLAMs-R (slams.md §3-§4) on the shared CAM head.
 
     Args:
-        encoder_checkpoint: the stage-A checkpoint (``lit-wsss fit`` of ``experiments/*/slams_encoder.yaml``);
+        encoder_checkpoint: the stage-A checkpoint (``lit-wsss fit`` of ``experiments/methods/slams_encoder.yaml``);
             required: the encoder is what SLAMs learns from.
         encoder_backbone: the encoder's backbone name (as trained in stage A).
         embed_dim, se_size: as in stage A (256, 224).
