@@ -10,6 +10,7 @@ from PIL import Image
 
 from lit_wsss.backbones import build_backbone
 from lit_wsss.eval_seg import main as eval_seg
+from lit_wsss.losses.segmentation import segmentation_loss
 from lit_wsss.modules import DeepLab
 from lit_wsss.datamodules.transforms import denormalise
 from lit_wsss.modules.segmentation import DeepLabV2Head
@@ -69,6 +70,21 @@ def test_loss_of_zero_logits_is_log_of_the_class_count_and_ignores_255(resolutio
     assert loss.item() == pytest.approx(np.log(4), rel=1e-6)
     with pytest.raises(ValueError, match="seed_dir"):
         model.training_losses({"image": torch.randn(1, 3, 64, 64)})
+
+
+def test_segmentation_loss_resolutions_on_a_hand_worked_example():
+    """Two classes, one confident cell: ``logits`` scores the labels nearest-picked at each cell's top-left pixel,
+    ``input`` scores every labelled pixel on bilinearly upsampled logits (align_corners=False)."""
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1, 0, 0] = np.log(3.0)  # cell (0, 0): p(class 1) = 3/4
+    labels = torch.full((1, 4, 4), 255, dtype=torch.long)
+    labels[0, 0, 0], labels[0, 1, 1] = 1, 0  # (1, 1) is not a cell's top-left pixel
+    assert segmentation_loss(logits, labels, "logits").item() == pytest.approx(-np.log(0.75), rel=1e-6)
+    # input size: pixel (0, 0) reads the cell itself, pixel (1, 1) reads 0.75 x 0.75 of it
+    expected = (-np.log(0.75) + np.log(1 + 3.0 ** 0.5625)) / 2
+    assert segmentation_loss(logits, labels, "input").item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="loss resolution"):
+        segmentation_loss(logits, labels, "pixels")
 
 
 def test_inference_fuses_the_flip_by_the_max_of_the_logits():

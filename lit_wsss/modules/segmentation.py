@@ -35,12 +35,11 @@ from torch import Tensor, nn
 from lit_wsss.backbones import Backbone, build_backbone
 from lit_wsss.cams import scaled_flip_pairs
 from lit_wsss.datamodules.transforms import denormalise
-from lit_wsss.io import IGNORE_INDEX
+from lit_wsss.losses.segmentation import LOSS_RESOLUTIONS, segmentation_loss
 from lit_wsss.modules.base import WSSSModule
 
 HEADS = ("deeplabv2", "deeplabv3plus")
 FUSIONS = ("max", "mean")
-LOSS_RESOLUTIONS = ("logits", "input")
 #: Atrous rates by (head, output stride): DeepLab-v2 (6, 12, 18, 24) at OS8, v3+ (6, 12, 18) at OS16; the
 #: other strides scale them so that the receptive field in pixels stays the same.
 DEFAULT_RATES = {("deeplabv2", 8): (6, 12, 18, 24), ("deeplabv2", 16): (3, 6, 9, 12),
@@ -187,12 +186,7 @@ class DeepLab(WSSSModule):
         if "mask" not in batch:
             raise ValueError("DeepLab trains on pixel labels: set data.init_args.seed_dir to a pseudo-label folder "
                              "(`lit-wsss pipeline` does) or to a ground-truth mask folder")
-        logits, labels = self(batch["image"]), batch["mask"]
-        if self.hparams.loss_resolution == "logits":
-            labels = F.interpolate(labels[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-        else:
-            logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        return {"seg": F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX)}
+        return {"seg": segmentation_loss(self(batch["image"]), batch["mask"], self.hparams.loss_resolution)}
 
     @torch.no_grad()
     def segment(self, image: Tensor, scales: Sequence[float] | None = None) -> Tensor:
@@ -209,6 +203,11 @@ class DeepLab(WSSSModule):
         stacked = torch.stack(maps)
         return stacked.amax(0) if hp.inference_fusion == "max" else stacked.softmax(1).mean(0)
 
+    def probabilities(self, scores: Tensor) -> Tensor:
+        """:meth:`segment`'s scores as class probabilities: the max-fused logits through a softmax (``max``), the
+        mean probabilities as they are (``mean``)."""
+        return scores.softmax(0) if self.hparams.inference_fusion == "max" else scores
+
     def predict_mask(self, image: Tensor, scales: Sequence[float] | None = None, crf: bool = False) -> Tensor:
         """Label map ``(H, W)`` int64 of one normalised image: argmax of :meth:`segment`, after a CRF if asked."""
         scores = self.segment(image, scales)
@@ -216,8 +215,7 @@ class DeepLab(WSSSModule):
             return scores.argmax(0)
         from lit_wsss.refine.crf import crf_inference_softmax
 
-        probabilities = scores.softmax(0) if self.hparams.inference_fusion == "max" else scores
-        refined = crf_inference_softmax(denormalise(image), probabilities.cpu().numpy())
+        refined = crf_inference_softmax(denormalise(image), self.probabilities(scores).cpu().numpy())
         return torch.from_numpy(refined.argmax(0)).to(image.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -236,9 +234,8 @@ class DeepLab(WSSSModule):
     def media_record(self, image: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """For the validation panels (``CAMMedia``): the probability map of each labelled class and the mask."""
         scores = self.segment(image, self.hparams.val_scales)
-        probabilities = scores.softmax(0) if self.hparams.inference_fusion == "max" else scores
         keys = torch.nonzero(labels > 0.5).flatten()
-        return {"high_res": probabilities[keys + 1], "keys": keys, "prediction": scores.argmax(0)}
+        return {"high_res": self.probabilities(scores)[keys + 1], "keys": keys, "prediction": scores.argmax(0)}
 
     def protocol(self) -> dict[str, Any]:
         record = super().protocol()
