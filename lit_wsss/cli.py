@@ -59,6 +59,7 @@ TOOLS = {
     "ir-labels": ("lit_wsss.refine.ir_labels", "CAMs -> confident fg/bg seeds with dense CRF (IRN step 4)"),
     "pipeline": ("lit_wsss.pipeline", "train CAM -> CAMs -> eval -> IR labels -> IRNet -> pseudo labels -> eval"),
     "gslm": ("lit_wsss.gslm_rounds", "GSLM: GLM -> seeds -> SLM rounds, each evaluated (make train METHOD=gslm)"),
+    "prepare": ("lit_wsss.prepare", "convert downloaded data: labels (cls_labels.npy -> JSON), coco (masks from instances JSON)"),
     "benchmark": ("lit_wsss.benchmark", "every method under one budget file: CAM and pseudo-label mIoU, one table"),
 }
 
