@@ -47,7 +47,7 @@ from lit_wsss.stages import (
 )
 
 #: The held-out split the segmentation network is scored on, by data set (``--seg-eval-list``).
-SEG_EVAL_LISTS = {"synth": "val", "voc": "val", "coco": "val2014"}
+SEG_EVAL_LISTS = {"synth": "val", "voc": "val", "coco": "val2014", "folder": "val"}
 #: ``--method`` that trains the segmentation network on ground-truth masks (no CAM stages).
 GROUND_TRUTH = "ground_truth"
 

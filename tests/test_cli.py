@@ -19,7 +19,8 @@ TRAINER_FILES = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
 #: prediction stages and the method they are layered on
 STAGE_FILES = {"predict_cams.yaml": "cam", "pseudo_labels.yaml": "irn", "segment.yaml": "deeplab"}
 # Overlays (data-set variants) and the methods / overlays they are layered on; every other file is a method.
-OVERLAYS = {"mini": ["cam"], "mini_cpu": ["cam", "mini"], "mini_irn": ["irn"]}
+OVERLAYS = {"mini": ["cam"], "mini_cpu": ["cam", "mini"], "mini_irn": ["irn"],
+            "cpu": ["cam"], "cpu_irn": ["irn"], "cpu_deeplab": ["deeplab"]}
 
 
 def stems(folder: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""DataModules: VOC 2012, MS COCO 2014 and the built-in synthetic VOC-format set.
+"""DataModules: VOC 2012, MS COCO 2014, a folder data set of the user's own and the built-in synthetic VOC-format set.
 
 The classes are imported on first use (PEP 562), so that ``lit_wsss.datamodules.files`` and ``.labels`` (plain
 readers) can be imported by the command-line tools without Lightning and albumentations.
@@ -11,6 +11,7 @@ from typing import Any
 
 _HOMES = {
     "COCODataModule": "coco",
+    "FolderDataModule": "folder",
     "IRNDataModule": "irn",
     "SyntheticVOCDataModule": "synthetic",
     "VOCDataModule": "voc",

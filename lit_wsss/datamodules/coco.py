@@ -5,18 +5,16 @@ COCO 2014 and 2017 layout; ``../shared/data/coco-mini`` is split ``val2017``). I
 (``COCO_train2014_000000000009``). ``prepare_data`` writes, per instances JSON,
 ``<cache_dir>/<json stem>/``: ``<id>.png`` semantic masks, ``cls_labels.npz`` and ``.complete.json``.
 
-Mask rules (``MASK_RULES``; pycocotools is not used):
+Mask rules (``MASK_RULES``):
 
 - Classes: COCO category ids (1..90, sparse) map to 1..80 in id order, checked against ``COCO_CLASSES``.
-- Polygons: a pixel belongs to a polygon when its centre ``(col + 0.5, row + 0.5)`` is inside
-  (pycocotools' convention). ``cv2.fillPoly`` rounds vertices to whole pixels and fills every pixel an
-  edge touches, which makes masks half a pixel fatter all round (+9 % area on coco-mini). So each polygon
-  is filled at 8x resolution in its bounding box, each vertex snapped to the fine pixel that holds it
-  (``floor(8 * xy)``). Then 8x8 blocks are averaged (``INTER_AREA``) and a pixel is kept when its
-  coverage exceeds 1/2 + 1/16. The 1/16 cancels the half fine pixel that ``fillPoly`` adds along every
-  edge. Parts of one annotation are united.
-- RLE: uncompressed (``counts`` list, column-major, runs alternate starting with 0s) and compressed
-  (COCO's 6-bit string) are decoded here; ``size`` must equal the image's ``[height, width]``.
+- Polygons and RLE are decoded by ``pycocotools.mask``, COCO's official decoder, so the masks are the same
+  as in every COCO toolkit (``COCO.annToMask``, detectron2, mmdetection): polygons go through
+  ``frPyObjects(polygons, h, w)``, ``merge`` (the parts of one annotation are united) and ``decode``;
+  uncompressed RLE (``counts`` list) through ``frPyObjects``; compressed RLE (string counts) is decoded as
+  is. An RLE ``size`` must equal the image's ``[height, width]``. Polygons of fewer than 3 points are
+  skipped (they enclose no pixel); an odd number of coordinates is an error. An earlier hand-written
+  rasteriser (version 1) approximated pycocotools' pixel convention; it is replaced to remove that doubt.
 - Overlaps: crowd regions (``iscrowd=1``) are painted first as 255, then the non-crowd instances from the
   largest JSON ``area`` to the smallest, so smaller instances end on top (ties: the higher annotation id
   on top), the order of the common converter alicranck/coco2voc. Annotators outline a large object such
@@ -26,18 +24,19 @@ Mask rules (``MASK_RULES``; pycocotools is not used):
   outlined instance is therefore trusted over a crowd, and 255 is left only where no instance is.
 - Image labels: multi-hot over the 80 classes of the non-crowd annotations (crowd-only classes are not
   labels: they have no scorable pixel). Then the classes in a mask are exactly its labels, unless every
-  instance of a class is covered by smaller ones or is too thin to hold a pixel centre.
+  instance of a class is covered by smaller ones or is too thin to cover a pixel.
 """
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
@@ -59,10 +58,9 @@ COCO_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 """Classes 1..80 (0 = background) in COCO category id order, as SIPE's ``data/labels_coco.txt``."""
 
-SUPERSAMPLE = 8
 MASK_RULES: dict[str, str] = {
-    "version": "1",
-    "polygon": f"pixel-centre sampling: cv2.fillPoly at {SUPERSAMPLE}x, coverage > 1/2 + 1/{2 * SUPERSAMPLE}",
+    "version": "2",
+    "polygon": "masks decoded by pycocotools 2.0.11 (frPyObjects, merge, decode; its pixel convention)",
     "overlap": "larger JSON area painted first, smaller on top; ties: higher annotation id on top",
     "crowd": "iscrowd=1 painted 255 first, non-crowd instances over it",
     "labels": "multi-hot of the non-crowd annotations' classes",
@@ -84,73 +82,46 @@ def coco_category_map(categories: list[dict[str, Any]], source: str | Path) -> d
     return {c["id"]: i + 1 for i, c in enumerate(ordered)}
 
 
-def decode_rle_string(counts: str) -> list[int]:
-    """Counts of COCO's compressed RLE string.
-
-    Each count is a run of characters (value + 48) carrying 5 bits each, low bits first; 0x20 marks "more
-    characters follow", 0x10 in the last one is the sign. From the fourth count on, the stored value is the
-    difference to the count two places earlier.
-    """
-    out: list[int] = []
-    pos = 0
-    while pos < len(counts):
-        value, shift, more = 0, 0, True
-        while more:
-            char = ord(counts[pos]) - 48
-            value |= (char & 0x1F) << shift
-            more = bool(char & 0x20)
-            pos, shift = pos + 1, shift + 5
-            if not more and char & 0x10:
-                value -= 1 << shift  # sign-extend
-        out.append(value + out[-2] if len(out) > 2 else value)
-    return out
-
-
-def rle_to_mask(segmentation: dict[str, Any], height: int, width: int, where: str) -> np.ndarray:
-    """Bool (H, W) mask of an uncompressed (list) or compressed (str) RLE; runs are column-major, 0s first."""
-    counts = segmentation["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    runs = np.asarray(decode_rle_string(counts) if isinstance(counts, str) else counts, dtype=np.int64)
-    if list(segmentation["size"]) != [height, width] or runs.sum() != height * width or (runs < 0).any():
-        raise ValueError(f"{where}: RLE of size {segmentation['size']} with {runs.sum()} counted pixels "
-                         f"does not fit the {height}x{width} (height x width) image")
-    values = np.zeros(len(runs), dtype=bool)
-    values[1::2] = True
-    return np.repeat(values, runs).reshape(width, height).T
-
-
-def polygons_to_mask(polygons: list[list[float]], height: int, width: int, where: str) -> np.ndarray:
-    """Bool (H, W) union of COCO polygons ``[x0, y0, x1, y1, ...]``, pixel-centre sampled (module doc)."""
-    parts = []
-    for poly in polygons:
-        if len(poly) % 2 or len(poly) < 2:
-            raise ValueError(f"{where}: polygon with {len(poly)} coordinates (expected x, y pairs)")
-        parts.append(np.asarray(poly, dtype=np.float64).reshape(-1, 2))
-    mask = np.zeros((height, width), dtype=bool)
-    if not parts:
-        return mask
-    points = np.concatenate(parts)
-    x0, y0 = (max(int(np.floor(v)) - 1, 0) for v in points.min(0))
-    x1, y1 = (min(int(np.ceil(v)) + 1, size) for v, size in zip(points.max(0), (width, height)))
-    if x1 <= x0 or y1 <= y0:
-        return mask
-    s = SUPERSAMPLE
-    fine = np.zeros(((y1 - y0) * s, (x1 - x0) * s), dtype=np.uint8)
-    for part in parts:  # one call per part: a union, not fillPoly's even-odd rule between contours
-        cv2.fillPoly(fine, [np.floor((part - (x0, y0)) * s).astype(np.int32)], 255)
-    coverage = cv2.resize(fine, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
-    mask[y0:y1, x0:x1] = coverage > 255 * (0.5 + 0.5 / s)
-    return mask
-
-
 def annotation_mask(ann: dict[str, Any], height: int, width: int, source: str | Path = "") -> np.ndarray:
-    """Bool (H, W) mask of one annotation (polygons or RLE)."""
+    """Bool (H, W) mask of one annotation (polygons, uncompressed or compressed RLE), by pycocotools.mask.
+
+    Raises:
+        ValueError: naming the annotation, for an RLE whose ``size`` is not ``[height, width]`` (or whose
+            uncompressed runs do not cover the image) and for a polygon with an odd number of coordinates.
+    """
     where = f"{source}: annotation {ann.get('id')}"
     segmentation = ann["segmentation"]
     if isinstance(segmentation, list):
-        return polygons_to_mask(segmentation, height, width, where)
-    return rle_to_mask(segmentation, height, width, where)
+        polygons = []
+        for poly in segmentation:
+            if len(poly) % 2:
+                raise ValueError(f"{where}: polygon with {len(poly)} coordinates (expected x, y pairs)")
+            # fewer than 3 points enclose no area; pycocotools would also read a 4-coordinate first entry
+            # as a bounding box, so degenerate parts are skipped rather than passed on
+            if len(poly) >= 6:
+                polygons.append([float(v) for v in poly])
+        if not polygons:
+            return np.zeros((height, width), dtype=bool)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    else:
+        if list(segmentation["size"]) != [height, width]:
+            raise ValueError(f"{where}: RLE of size {segmentation['size']} does not fit the "
+                             f"{height}x{width} (height x width) image")
+        counts = segmentation["counts"]
+        if isinstance(counts, list):
+            runs = np.asarray(counts, dtype=np.int64)
+            if runs.sum() != height * width or (runs < 0).any():  # pycocotools does not check this
+                raise ValueError(f"{where}: RLE of size {segmentation['size']} with {runs.sum()} counted "
+                                 f"pixels does not fit the {height}x{width} (height x width) image")
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            encoded = counts.encode("ascii") if isinstance(counts, str) else counts
+            rle = {"size": [height, width], "counts": encoded}
+    with warnings.catch_warnings():
+        # pycocotools 2.0.11's Cython decode trips numpy 2's __array__(copy=...) DeprecationWarning; harmless
+        warnings.filterwarnings("ignore", "__array__ implementation doesn't accept a copy keyword",
+                                DeprecationWarning)
+        return mask_utils.decode(rle).astype(bool)
 
 
 def paint_semantic_mask(anns: list[dict[str, Any]], height: int, width: int, category_map: dict[int, int],

@@ -41,6 +41,13 @@ def read_mask(path: Path, image_shape: tuple[int, int], num_classes: int) -> np.
     return mask
 
 
+def image_id_of(name: str) -> str:
+    """The id of an image named in a list or label file: the file name without its folder and, when it has one,
+    its image or mask suffix (``/JPEGImages/2007_000032.jpg`` -> ``2007_000032``; ``b.c`` stays ``b.c``)."""
+    path = Path(name.strip())
+    return path.stem if path.suffix.lower() in {s.lower() for s in IMAGE_SUFFIXES} else path.name
+
+
 def resolve_list(root: Path, name: str) -> Path:
     """A split list given as a path, or as a name looked up in ``ImageSets/Segmentation`` and the root."""
     candidates = [Path(name), root / "ImageSets" / "Segmentation" / f"{name}.txt", root / f"{name}.txt", root / name]
@@ -51,16 +58,45 @@ def resolve_list(root: Path, name: str) -> Path:
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids of a split list: IRN style (one id per line) or SIPE/CPN style
-    (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``), where the id is the first token's stem."""
-    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+    """Image ids of a split list: IRN style (one id per line), SIPE/CPN style
+    (``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``) or image file names: :func:`image_id_of` of the
+    first token."""
+    ids = [image_id_of(line.split()[0]) for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"split list {path} is empty")
     return ids
 
 
-#: Ground-truth folders of a VOC-style root, in the order they are tried (protocol.md §1.1, §5).
-GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
+#: Ground-truth folders of a root, in the order they are tried: VOC's (protocol.md §1.1, §5), then ``masks`` of a
+#: folder data set (:class:`~lit_wsss.datamodules.folder.FolderDataModule`).
+GT_FOLDERS = ("SegmentationClass", "SegmentationClassAug", "masks")
+#: Image folders of a root, in the order they are tried: VOC's, then a folder data set's.
+IMAGE_FOLDERS = ("JPEGImages", "images")
+#: Image file suffixes looked for when ``<id>.jpg`` is absent (an id is the file name without its suffix).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".JPG", ".JPEG", ".PNG")
+
+
+def find_image_folder(root: Path, image_dir: str | Path | None = None) -> Path:
+    """The image folder: ``image_dir`` (a path, or a name under ``root``), or the first of :data:`IMAGE_FOLDERS`
+    under ``root``."""
+    names = [image_dir] if image_dir is not None and str(image_dir) != "auto" else list(IMAGE_FOLDERS)
+    for name in names:
+        for candidate in (Path(name), root / name) if name == image_dir else (root / name,):
+            if candidate.is_dir():
+                return candidate
+    raise FileNotFoundError(f"no image folder under {root}: expected " + " or ".join(f"{n}/" for n in names))
+
+
+def image_file(folder: Path, image_id: str, missing_ok: bool = False) -> Path:
+    """``<folder>/<id>.jpg``, else ``<id>`` with another of :data:`IMAGE_SUFFIXES`; the error names what was tried
+    (``missing_ok``: return the ``.jpg`` path instead, for a caller that reports every missing image at once)."""
+    for suffix in IMAGE_SUFFIXES:
+        path = folder / f"{image_id}{suffix}"
+        if path.is_file():
+            return path
+    if missing_ok:
+        return folder / f"{image_id}.jpg"
+    raise FileNotFoundError(f"no image for id {image_id!r} in {folder} (looked for {image_id}{{{','.join(IMAGE_SUFFIXES)}}})")
 
 
 def find_mask_folder(root: Path, mask_dir: str | Path | None = None) -> Path:

@@ -60,7 +60,9 @@ class IRNDataModule(VOCDataModule):
         root: VOC-layout root of the images (and ``cls_labels``), as for :class:`VOCDataModule`.
         ir_label_dir: output of ``lit-wsss ir-labels`` (training targets); its ids are the training list
             unless ``train_list`` is given.
-        num_classes: foreground classes of the images' label file (VOC 20; the synthetic set fewer).
+        num_classes: foreground classes of the images' label file (default: the ``classes`` list's, else VOC's
+            20; the synthetic set fewer, named after VOC's first classes).
+        classes, image_dir: a folder data set's class list and image folder (:class:`VOCDataModule`).
         cam_dir: output of the CAM predict stage; its ids are the pseudo-label list unless ``predict_list``
             is given. IRN walks the stride-4 ``cam`` arrays (pitfall P5).
         crop_size: IRNet training crop (512); the path index is built for ``crop_size / 4``.
@@ -76,7 +78,9 @@ class IRNDataModule(VOCDataModule):
         train_list: str | None = None,
         predict_list: str | None = None,
         cls_labels: str | None = None,
-        num_classes: int = 20,
+        num_classes: int | None = None,
+        classes: str | None = None,
+        image_dir: str = "JPEGImages",
         crop_size: int = 512,
         batch_size: int = 32,
         val_batch_size: int = 1,
@@ -85,10 +89,14 @@ class IRNDataModule(VOCDataModule):
         super().__init__(
             root=root, train_list=train_list or "train", val_list="train", predict_list=predict_list,
             cls_labels=cls_labels, crop_size=crop_size, train_transform="irn_affinity", batch_size=batch_size,
-            val_batch_size=val_batch_size, num_workers=num_workers,
+            val_batch_size=val_batch_size, num_workers=num_workers, classes=classes, image_dir=image_dir,
         )
-        self.num_classes = num_classes
-        self.class_names = VOC_CLASSES[:num_classes]
+        if classes is None:
+            self.class_names = VOC_CLASSES[: num_classes or len(VOC_CLASSES)]
+        elif num_classes is not None and num_classes != len(self.class_names):
+            raise ValueError(f"data.init_args.num_classes={num_classes} but {self.classes_path} lists "
+                             f"{len(self.class_names)} classes")
+        self.num_classes = len(self.class_names)
         self.ir_label_dir = Path(ir_label_dir) if ir_label_dir else None
         self.cam_dir = Path(cam_dir) if cam_dir else None
         self._explicit_train_list = train_list

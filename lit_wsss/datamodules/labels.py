@@ -3,7 +3,7 @@
 lit_wsss's own label format is JSON: ``{"<image id>": ["cat", "person"], ...}`` (class names of the data set's
 class list) or index lists ``{"<image id>": [7, 14]}`` (0-based foreground class indices); ``[]`` is an image
 without foreground. A CSV with the columns ``image`` and ``labels`` (names separated by ``;``) is read the same
-way; ``image`` may be a file name (its stem is the id). Our older ``.npz`` (``ids``, ``labels``) stays readable.
+way; ``image`` may be a file name (``lit_wsss.datamodules.files.image_id_of``). Our older ``.npz`` (``ids``, ``labels``) stays readable.
 
 The official ``cls_labels.npy`` (IRN, SIPE, CPN) is a pickled dict saved with ``np.save``: the only pickle
 lit_wsss ever reads, in :func:`read_official_cls_labels` alone; ``lit-wsss prepare labels`` converts it to JSON
@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from lit_wsss.datamodules.files import image_id_of
 from lit_wsss.io import save_npz_atomic, write_bytes_atomic
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -116,7 +117,7 @@ def _read_csv_labels(path: Path, class_names, num_classes) -> dict[str, np.ndarr
                          f"(class names separated by ';'), found {list(fields)}")
     labels: dict[str, np.ndarray] = {}
     for line, row in enumerate(rows, start=2):
-        image_id = Path((row.get("image") or row.get("image_id") or "").strip()).stem
+        image_id = image_id_of(row.get("image") or row.get("image_id") or "")
         if not image_id:
             raise ValueError(f"{path}: line {line} has no image")
         if image_id in labels:

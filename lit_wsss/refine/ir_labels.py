@@ -64,7 +64,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lit_wsss.cam_files import cam_path, load_cam_file, read_cam_manifest
-from lit_wsss.datamodules.files import read_id_list, read_rgb, resolve_list
+from lit_wsss.datamodules.files import find_image_folder, image_file, read_id_list, read_rgb, resolve_list
 from lit_wsss.io import (
     IGNORE_INDEX,
     TMP_SUFFIX,
@@ -315,7 +315,7 @@ class _Job:
 def _process(job: _Job, image_id: str) -> str:
     """Read one CAM file and its image, write ``<out>/<id>.png``; errors name the files."""
     cam_file = cam_path(job.cams_dir, image_id)
-    image_path = Path(job.image_dir) / f"{image_id}.jpg"
+    image_path = image_file(Path(job.image_dir), image_id)
     keys, high_res, bg = load_cam_file(cam_file)
     if high_res.ndim != 3:
         raise ValueError(f"CAM file {cam_file}: high_res must be (K, H, W), got shape {high_res.shape}")
@@ -376,7 +376,7 @@ def make_ir_labels(
 
     Args:
         cams_dir: folder of ``<id>.npz`` CAM files (and optionally their ``manifest.json``).
-        root: VOC-layout root; images are ``<root>/JPEGImages/<id>.jpg``.
+        root: VOC-layout root (``<root>/JPEGImages/<id>.jpg``) or a folder data set's (``<root>/images/<id>.*``).
         ids: image ids (no repeats).
         out_dir: output folder (created): ``<id>.png`` with values ``0..C`` and 255, ``manifest.json``.
         fg, bg: thresholds of the high/low-confidence maps; see :func:`ir_label` per convention
@@ -411,12 +411,11 @@ def make_ir_labels(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if not cams_dir.is_dir():
         raise FileNotFoundError(f"CAM folder not found: {cams_dir}")
-    image_dir = root / "JPEGImages"
+    image_dir = find_image_folder(root)
     for image_id in ids:  # fail before the long loop
         if not cam_path(cams_dir, image_id).is_file():
             raise FileNotFoundError(f"no CAM file for id {image_id!r}: {cam_path(cams_dir, image_id)} is missing")
-        if not (image_dir / f"{image_id}.jpg").is_file():
-            raise FileNotFoundError(f"no image for id {image_id!r}: {image_dir}/{image_id}.jpg is missing")
+        image_file(image_dir, image_id)
 
     cams_manifest = {k: v for k, v in read_cam_manifest(cams_dir).items() if k != "images"}
     manifest: dict[str, Any] = {
@@ -585,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(protocol.md §6.1). One palette PNG per id and a manifest.json; reruns resume.",
     )
     parser.add_argument("--cams", required=True, help="folder of <id>.npz CAM files")
-    parser.add_argument("--root", required=True, help="VOC-layout root with JPEGImages/")
+    parser.add_argument("--root", required=True, help="root with JPEGImages/ (VOC) or images/ (a folder data set)")
     parser.add_argument("--list", default="train_aug",
                         help="split list: a path, or a name looked up in <root>/ImageSets/Segmentation and "
                              "<root> (IRN or SIPE line format; default: train_aug)")
