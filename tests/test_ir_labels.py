@@ -339,3 +339,8 @@ def test_console_entry(
     assert main(["--cams", str(cams), "--root", str(root), "--list", "val", "--out", str(tmp_path / "y"),
                  "--convention", "cpn", "--no-progress"]) == 1
     assert "cpn" in capsys.readouterr().err
+    swapped = tmp_path / "swapped"  # fg below bg (issue 17): refused before anything is written
+    assert main(["--cams", str(cams), "--root", str(root), "--list", "val", "--fg", "0.05", "--bg", "0.30",
+                 "--out", str(swapped), "--no-progress"]) == 1
+    assert "fg threshold 0.05 is below bg threshold 0.3" in capsys.readouterr().err
+    assert not swapped.exists()

@@ -182,6 +182,14 @@ def _resolve_parameters(
         return {"fg_threshold": None, "bg_threshold": None, "bg_factor": factor, "cam_scale": 1.0}
     if bg_factor is not None:
         raise ValueError(f"bg_factor applies to the 'explicit' convention only, not {convention!r}")
+    if convention != "cpn":
+        fg_threshold = DEFAULT_FG_THRESHOLD if fg_threshold is None else fg_threshold
+        bg_threshold = DEFAULT_BG_THRESHOLD if bg_threshold is None else bg_threshold
+    if fg_threshold is not None and bg_threshold is not None and float(fg_threshold) < float(bg_threshold):
+        # the confident-foreground map pads the CAMs with the higher background score: fg below bg would
+        # call confident foreground what the low-confidence map already calls background
+        raise ValueError(f"fg threshold {fg_threshold} is below bg threshold {bg_threshold}: expected fg >= bg "
+                         "(IRN: --fg 0.30 --bg 0.05)")
     if convention == "cpn":
         if fg_threshold is None or bg_threshold is None:
             raise ValueError("the 'cpn' convention needs explicit fg and bg thresholds: cpn.md §7 gives none "
@@ -189,8 +197,8 @@ def _resolve_parameters(
         return {"fg_threshold": float(fg_threshold), "bg_threshold": float(bg_threshold), "bg_factor": None,
                 "cam_scale": CPN_CAM_SCALE}
     return {
-        "fg_threshold": DEFAULT_FG_THRESHOLD if fg_threshold is None else float(fg_threshold),
-        "bg_threshold": DEFAULT_BG_THRESHOLD if bg_threshold is None else float(bg_threshold),
+        "fg_threshold": float(fg_threshold),
+        "bg_threshold": float(bg_threshold),
         "bg_factor": None,
         "cam_scale": 1.0,
     }
