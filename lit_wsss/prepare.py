@@ -45,9 +45,11 @@ VOC_EXPECTED_COUNTS = {"train_aug": 10582, "VOC train": 1464, "VOC val": 1449}
 
 
 def _read_ids(path: Path, what: str) -> list[str]:
+    from lit_wsss.datamodules.files import read_id_list
+
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    return path.read_text().split()
+    return read_id_list(path)
 
 
 def _write_if_changed(path: Path, data: bytes) -> None:

@@ -79,12 +79,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".J
 def find_image_folder(root: Path, image_dir: str | Path | None = None) -> Path:
     """The image folder: ``image_dir`` (a path, or a name under ``root``), or the first of :data:`IMAGE_FOLDERS`
     under ``root``."""
-    names = [image_dir] if image_dir is not None and str(image_dir) != "auto" else list(IMAGE_FOLDERS)
-    for name in names:
-        for candidate in (Path(name), root / name) if name == image_dir else (root / name,):
-            if candidate.is_dir():
-                return candidate
-    raise FileNotFoundError(f"no image folder under {root}: expected " + " or ".join(f"{n}/" for n in names))
+    if image_dir is not None and str(image_dir) != "auto":
+        candidates = [Path(image_dir), root / image_dir]
+    else:
+        candidates = [root / name for name in IMAGE_FOLDERS]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"no image folder under {root}: expected " + " or ".join(f"{c.name}/" for c in candidates))
 
 
 def image_file(folder: Path, image_id: str, missing_ok: bool = False) -> Path:

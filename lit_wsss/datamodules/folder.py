@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 from lit_wsss.datamodules.base import SegmentationFolderDataset
-from lit_wsss.datamodules.files import find_mask_folder
 from lit_wsss.datamodules.voc import VOCDataModule
 
 
@@ -58,7 +57,7 @@ class FolderDataModule(VOCDataModule):
         ids = sorted(self.image_labels())
         masks = None
         if with_masks:
-            folder = find_mask_folder(self.root, self.mask_dir)
+            folder = self.mask_folder()
             ids = [i for i in ids if (folder / f"{i}.png").is_file()]
             if not ids:
                 raise FileNotFoundError(f"no labelled image of {self.cls_labels_path} has a mask in {folder}")
