@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from lit_wsss.checkpoints import read_weights_file
+from lit_wsss.errors import MissingWeightsFileError, WeightsFileError
+
 __all__ = ["Backbone", "FrozenStatsBatchNorm2d", "build_backbone", "freeze_bn_stats", "BACKBONE_NAMES"]
 
 _RESNET_DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -394,21 +397,15 @@ def _resolve_hub_file(name: str, download: bool) -> tuple[Mapping[str, Tensor], 
         return _load_file(path), source
     if download:
         return weights.get_state_dict(progress=True), source
-    raise FileNotFoundError(
+    raise MissingWeightsFileError(
         f"ImageNet weights for {name} not found at {path} (from {weights.url}). Either place the file there "
         f"or pass pretrained=<local path to a torchvision state dict>, or set download_weights=True.")
 
 
 def _load_file(path: Path) -> Mapping[str, Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist (pretrained must be 'imagenet', None, "
-                                "'none' or a path to a state dict)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle/zip errors: re-raise naming the file
-        raise RuntimeError(f"could not load weights file {path}: {err}") from err
+    state = read_weights_file(path, "pretrained", "'imagenet', None, 'none' or a path to a state dict")
     if not isinstance(state, Mapping):
-        raise RuntimeError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+        raise WeightsFileError(f"pretrained: {path} holds a {type(state).__name__}, not a state dict")
     return state
 
 
@@ -432,12 +429,12 @@ def _load_weights(model: Backbone, state: Mapping[str, Tensor], drop_prefix: str
         return f"{len(keys)} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
 
     if missing or unexpected:
-        raise RuntimeError(f"weights from {source} do not match the backbone: missing keys {show(missing)}, "
+        raise WeightsFileError(f"weights from {source} do not match the backbone: missing keys {show(missing)}, "
                            f"unexpected keys {show(unexpected)}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:  # shape mismatches
-        raise RuntimeError(f"weights from {source} do not fit the backbone: {err}") from err
+        raise WeightsFileError(f"weights from {source} do not fit the backbone: {err}") from err
 
 
 def build_backbone(name: str, pretrained: str | None = "imagenet",
@@ -465,9 +462,10 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
         The backbone; ``weights_source`` records where the weights came from.
 
     Raises:
-        ValueError: unknown name or bad strides. FileNotFoundError: weights file missing (always for
-            ``resnet38d`` with ``"imagenet"``, the message says how to provide the weights).
-        RuntimeError: weights do not match. ModuleNotFoundError: EfficientNet packages missing.
+        ValueError: unknown name or bad strides. MissingWeightsFileError (a ``FileNotFoundError``): weights
+            file missing (always for ``resnet38d`` with ``"imagenet"``, the message says how to provide them).
+        WeightsFileError (a ``ValueError``): the file is empty, damaged, holds pickled objects, or its weights
+            do not match. ModuleNotFoundError: EfficientNet packages missing.
     """
     if name not in BACKBONE_NAMES:
         raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
@@ -484,7 +482,7 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
             raise ValueError(f"resnet38d has a fixed output stride of 8 (dilated b5-b7); strides={strides} "
                              "unsupported (only the default (2, 2, 2, 1))")
         if imagenet:  # before building: ~100M parameters to initialise for nothing
-            raise FileNotFoundError(f"resnet38d: {_RESNET38D_HINT}")
+            raise MissingWeightsFileError(f"resnet38d: {_RESNET38D_HINT}")
         model = ResNet38dBackbone()
         drop_prefix, optional_suffixes = _RESNET38D_DROP, ("num_batches_tracked",)
     else:
@@ -509,7 +507,7 @@ def build_backbone(name: str, pretrained: str | None = "imagenet",
     else:
         path = Path(str(pretrained)).expanduser()
         if name == "resnet38d" and not path.is_file():
-            raise FileNotFoundError(f"resnet38d weights file {path} does not exist: {_RESNET38D_HINT}")
+            raise MissingWeightsFileError(f"resnet38d weights file {path} does not exist: {_RESNET38D_HINT}")
         state, source = _load_file(path), f"file:{path}"
         if name == "resnet38d" and state and all(k.startswith("module.") for k in state):
             state = {k[len("module."):]: v for k, v in state.items()}  # saved from DataParallel

@@ -38,6 +38,7 @@ unexpected keys.
 from __future__ import annotations
 
 import re
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from lit_wsss.errors import MissingWeightsFileError, WeightsFileError
 
 _DATAPARALLEL_PREFIX = "module."
 #: torchvision ResNet parts in IRN's stage grouping (IRN, VWE, GSLM): stage1 = conv1, bn1, relu, maxpool, layer1
@@ -55,6 +58,43 @@ _IRN_FAMILY_ALIAS = re.compile(r"^(stage\d\.|backbone\.\d+\.|newly_added\.\d+\.)
 # Top-level modules of resnet38d: conv1a, b2 .. b7 with their b<N>_<M> siblings, bn7.
 _CPN_BACKBONE_KEY = re.compile(r"^(conv1a|bn7|b\d(_\d)?)\.")
 _CPN_RENAMES = {"fc8.": "classifier."}  # other head keys (f8_3, f8_4, f9, f10) keep their names
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def read_weights_file(path: str | Path, what: str, hint: str = "a state dict saved with torch.save") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, the one place lit_wsss reads a weights file.
+
+    Every failure is a :class:`~lit_wsss.errors.WeightsFileError` (``MissingWeightsFileError`` for a missing
+    file) whose message starts with ``what`` (the option, e.g. ``pretrained``) and the path, and says what was
+    expected instead of torch's long explanation. A file with pickled Python objects keeps failing: it is
+    never retried without ``weights_only``.
+    """
+    path = Path(path)
+    expected = f"expected {hint}"
+    if not path.is_file():
+        raise MissingWeightsFileError(f"{what}: no such file {path} ({expected})")
+    size = path.stat().st_size
+    if size == 0:
+        raise WeightsFileError(f"{what}: {path} is empty (0 bytes); {expected}")
+    with open(path, "rb") as handle:
+        is_zip = handle.read(4) == _ZIP_MAGIC
+    if is_zip and not zipfile.is_zipfile(path):
+        raise WeightsFileError(f"{what}: {path} is a truncated or damaged zip archive ({size} bytes); {expected} "
+                               "(download or copy it again)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises pickle, zip, EOF and OS errors alike
+        unsafe = _UNSAFE_GLOBAL.search(str(error))
+        if unsafe:
+            raise WeightsFileError(
+                f"{what}: {path} holds pickled Python objects ({unsafe.group(1)}), which lit_wsss never loads "
+                f"(torch.load weights_only=True); {expected}: save model.state_dict() instead") from None
+        kind = ("a zip archive torch.load cannot read" if is_zip else
+                "not a file written by torch.save (neither a zip archive nor a legacy torch pickle)")
+        raise WeightsFileError(f"{what}: {path} is {kind} ({size} bytes, {type(error).__name__}); {expected}") from None
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -206,16 +246,14 @@ def load_initial_state_dict(
     the file (they keep the module's own values).
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file holds no state dict, an alias is not a copy of its tensor, or the keys do not fit
+        MissingWeightsFileError: the file does not exist (a ``FileNotFoundError``).
+        WeightsFileError: (a ``ValueError``) the file is empty, damaged, holds pickled objects or no state dict, an alias is not a copy of its tensor, or the keys do not fit
             the module (the message names the missing and unexpected keys and how the file was read).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"init_weights: no such file {path}")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = read_weights_file(path, "init_weights", "a state dict or a Lightning checkpoint")
     if not isinstance(loaded, dict):
-        raise ValueError(f"init_weights: {path} holds a {type(loaded).__name__}, expected a state dict")
+        raise WeightsFileError(f"init_weights: {path} holds a {type(loaded).__name__}, expected a state dict")
     state, wrapper = unwrap_state_dict(loaded)
     layout = official_layout(state)
     source = "lit_wsss/Lightning checkpoint or plain state dict"
@@ -223,7 +261,7 @@ def load_initial_state_dict(
         try:
             state = layout.convert(state)
         except ValueError as error:
-            raise ValueError(f"init_weights: {path}: {error}") from None
+            raise WeightsFileError(f"init_weights: {path}: {error}") from None
         source = layout.name
     source += wrapper
     own = module.state_dict()
@@ -234,7 +272,7 @@ def load_initial_state_dict(
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise WeightsFileError(
             f"init_weights: {path} (read as {source}) does not fit {type(module).__name__}: "
             f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
         )

@@ -20,6 +20,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
 
 from lit_wsss.datamodules.base import WSSSDataModule  # noqa: E402
+from lit_wsss.errors import report  # noqa: E402
 from lit_wsss.modules.base import WSSSModule  # noqa: E402
 
 
@@ -70,4 +71,10 @@ def main(args: ArgsType = None) -> None:
     if isinstance(argv, list) and argv and argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
         sys.exit(module.main(argv[1:]))
-    run_cli(args)
+    try:
+        run_cli(args)
+    except Exception as error:  # noqa: BLE001 - only a ReportedError is shortened, the rest is re-raised
+        code = report(error)
+        if code is None:
+            raise
+        sys.exit(code)

@@ -11,7 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lit_wsss.evaluation import MEAN_OVER, evaluate_label_folder, percent, read_class_names, write_reports
+from lit_wsss.datamodules.labels import read_class_list
+from lit_wsss.evaluation import (CLASS_NAMES_HELP, MEAN_OVER, NUM_CLASSES_HELP, evaluate_label_folder, percent,
+                                 write_reports)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, help="VOC-layout root with SegmentationClass[Aug]/")
     parser.add_argument("--list", required=True, help="split list: a path, or a name under the root")
     parser.add_argument("--out", required=True, help="result JSON; the .md report is written beside it")
-    parser.add_argument("--num-classes", type=int, default=20, help="foreground classes (default 20)")
-    parser.add_argument("--class-names", help="file with one class name per line (C, or C+1 with background)")
+    parser.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
+    parser.add_argument("--class-names", help=CLASS_NAMES_HELP)
     parser.add_argument("--mask-dir", help="ground-truth folder (default <root>/SegmentationClass, else ...Aug)")
     parser.add_argument("--mean-over", choices=list(MEAN_OVER), default="union",
                         help="classes the mIoU averages over (default union; both are in the JSON)")
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def eval_seg(pred: str | Path, root: str | Path, list_name: str, out: str | Path, num_classes: int = 20,
+def eval_seg(pred: str | Path, root: str | Path, list_name: str, out: str | Path, num_classes: int | None = None,
              class_names: str | None = None, mask_dir: str | None = None, mean_over: str = "union",
              progress: bool = True) -> dict:
     """What ``lit-wsss eval-seg`` runs: :func:`lit_wsss.evaluation.evaluate_label_folder` over the ids of a split
@@ -39,7 +41,7 @@ def eval_seg(pred: str | Path, root: str | Path, list_name: str, out: str | Path
 
     root = Path(root)
     ids = read_id_list(resolve_list(root, list_name))
-    names = read_class_names(class_names) if class_names else None
+    names = read_class_list(class_names) if class_names else None
     result = evaluate_label_folder(pred, root, ids, num_classes, mask_dir, class_names=names, progress=progress,
                                    mean_over=mean_over)
     paths = write_reports(result, out)

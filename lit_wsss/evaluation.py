@@ -45,8 +45,8 @@ from tqdm import tqdm
 from lit_wsss.cam_files import cam_path, load_cam_file, read_cam_manifest
 from lit_wsss.cams import DEFAULT_BG_THRESHOLD
 from lit_wsss.datamodules.files import find_mask_folder, read_id_list, read_mask, resolve_list
-from lit_wsss.datamodules.labels import VOC_CLASSES
-from lit_wsss.io import IGNORE_INDEX, read_manifest
+from lit_wsss.datamodules.labels import VOC_CLASSES, read_class_list
+from lit_wsss.io import IGNORE_INDEX, producer_num_classes, read_manifest
 from lit_wsss.metrics import (
     ARGMAX_LABEL,
     MEAN_OVER,
@@ -85,7 +85,7 @@ def evaluate_cam_folder(
     root: str | Path,
     ids: Sequence[str],
     thresholds: Sequence[float],
-    num_classes: int = 20,
+    num_classes: int | None = None,
     mask_dir: str | Path | None = None,
     fixed_threshold: float | None = None,
     *,
@@ -104,11 +104,13 @@ def evaluate_cam_folder(
             ``<root>/SegmentationClassAug`` when the first folder does not exist.
         ids: image ids to score (each must have a CAM file and a mask).
         thresholds: the sweep of background planes ``tau`` (reported in this order).
-        num_classes: foreground classes ``C``.
+        num_classes: foreground classes ``C``; default the producer's (manifest), else VOC's 20. Checked
+            against every other source that states a count (:func:`resolve_classes`).
         mask_dir: ground-truth folder overriding the default (a path, or a name under ``root``).
         fixed_threshold: the pre-registered threshold; default the manifest's ``bg_threshold``, else IRN's
             0.15 (:data:`lit_wsss.cams.DEFAULT_BG_THRESHOLD`). Evaluated even if it is not in the sweep.
-        class_names: ``C+1`` names (background first) or ``C`` foreground names; default VOC's.
+        class_names: ``C+1`` names (background first) or ``C`` foreground names; default ``<root>/classes.txt``,
+            else VOC's.
         progress: show a tqdm progress bar (stderr).
         mean_over: the class set every mIoU averages over (:data:`MEAN_OVER`); both values are reported.
 
@@ -140,12 +142,12 @@ def evaluate_cam_folder(
         raise FileNotFoundError(f"CAM folder not found: {cams_dir}")
     gt_dir = find_mask_folder(root, mask_dir)
     manifest = read_cam_manifest(cams_dir)
+    num_classes, names = resolve_classes(num_classes, cams_dir, manifest, class_names, root)
     if fixed_threshold is None:  # CAMWriter writes "bg_threshold": null when the producer recorded none
         fixed_threshold = manifest.get("bg_threshold")
     if fixed_threshold is None:
         fixed_threshold = DEFAULT_BG_THRESHOLD
     fixed_threshold = float(fixed_threshold)
-    names = _class_names(class_names, num_classes)
 
     # Fail before the long loop: every listed id needs its CAM file and its mask.
     cam_paths = [cam_path(cams_dir, i) for i in ids]
@@ -215,7 +217,7 @@ def evaluate_label_folder(
     pred_dir: str | Path,
     root: str | Path,
     ids: Sequence[str],
-    num_classes: int = 20,
+    num_classes: int | None = None,
     mask_dir: str | Path | None = None,
     *,
     class_names: Sequence[str] | None = None,
@@ -242,7 +244,8 @@ def evaluate_label_folder(
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
     gt_dir = find_mask_folder(root, mask_dir)
-    names = _class_names(class_names, num_classes)
+    manifest = read_manifest(pred_dir, "predictions")
+    num_classes, names = resolve_classes(num_classes, pred_dir, manifest, class_names, root)
     pairs = [(i, pred_dir / f"{i}.png", gt_dir / f"{i}.png") for i in ids]
     for image_id, prediction, mask in pairs:
         for path, what in ((prediction, "prediction"), (mask, "ground-truth mask")):
@@ -263,7 +266,6 @@ def evaluate_label_folder(
             raise ValueError(f"prediction {prediction_path} labels scored pixels 255; a prediction needs a class")
         total += np.bincount(gt[valid].astype(np.int64) * n + prediction[valid].astype(np.int64),
                              minlength=n * n).reshape(n, n)
-    manifest = read_manifest(pred_dir, "predictions")
     return {
         "predictions": str(pred_dir),
         "ground_truth": str(gt_dir),
@@ -274,6 +276,41 @@ def evaluate_label_folder(
         "manifest": {key: value for key, value in manifest.items() if key != "images"},
         **score_block(total, mean_over),
     }
+
+
+#: what a folder data set's root names its class list (FolderDataModule's default)
+ROOT_CLASS_LIST = "classes.txt"
+
+
+def resolve_classes(given: int | None, folder: Path, manifest: dict[str, Any],
+                    class_names: Sequence[str] | None, root: Path) -> tuple[int, list[str]]:
+    """The foreground class count ``C`` of an evaluation, the same in every source that states one, and the
+    ``C + 1`` class names of its report (background first).
+
+    Sources: ``given`` (``--num-classes``), the producer's count in ``folder``'s manifest, ``class_names``
+    (``C`` names, or ``C+1`` with background first; default ``<root>/classes.txt``, a folder data set's list).
+    They must agree: a 4-class data set scored as 20 classes reports a table of VOC names over classes that do
+    not exist. With no source, VOC's 20. Masks are checked image by image (a value above ``C`` is an error
+    naming the file).
+    """
+    sources: dict[str, int] = {}
+    if given is not None:
+        sources["--num-classes"] = int(given)
+    produced = producer_num_classes(manifest)
+    if produced is not None:
+        sources[f"{folder / 'manifest.json'} (its producer's)"] = produced
+    names_source = "--class-names"
+    listed = root / ROOT_CLASS_LIST
+    if class_names is None and listed.is_file():
+        class_names, names_source = read_class_list(listed), str(listed)
+    if class_names is not None:
+        names = list(class_names)
+        sources[names_source] = len(names) - bool(names and names[0].lower() in ("background", "_background_"))
+    if len(set(sources.values())) > 1:
+        raise ValueError("the foreground class count differs between its sources: "
+                         + ", ".join(f"{source} says {count}" for source, count in sources.items()))
+    num_classes = next(iter(sources.values()), len(VOC_CLASSES))
+    return num_classes, _class_names(class_names, num_classes)
 
 
 def _class_names(class_names: Sequence[str] | None, num_classes: int) -> list[str]:
@@ -501,9 +538,9 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
-def read_class_names(path: str) -> list[str]:
-    """One class name per non-empty line of ``path``."""
-    return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+NUM_CLASSES_HELP = ("foreground classes (default: the producer's, from the folder's manifest.json, else 20); "
+                    "must agree with the manifest, --class-names and <root>/classes.txt")
+CLASS_NAMES_HELP = "file with one foreground class name per line (a first line 'background' is skipped)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -520,8 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", default=DEFAULT_THRESHOLDS,
                         help="start:stop:step (stop inclusive) or a comma list (default 0.0:0.6:0.03)")
     parser.add_argument("--out", required=True, help="result JSON; .md and .png are written beside it")
-    parser.add_argument("--num-classes", type=int, default=20, help="foreground classes (default 20)")
-    parser.add_argument("--class-names", help="file with one class name per line (C, or C+1 with background)")
+    parser.add_argument("--num-classes", type=int, help=NUM_CLASSES_HELP)
+    parser.add_argument("--class-names", help=CLASS_NAMES_HELP)
     parser.add_argument("--mask-dir",
                         help="ground-truth folder (default <root>/SegmentationClass, else ...Aug)")
     parser.add_argument("--fixed-threshold", type=float,
@@ -540,7 +577,7 @@ def eval_cam(
     list_name: str,
     out: str | Path,
     thresholds: str = DEFAULT_THRESHOLDS,
-    num_classes: int = 20,
+    num_classes: int | None = None,
     class_names: str | None = None,
     mask_dir: str | None = None,
     fixed_threshold: float | None = None,
@@ -552,7 +589,7 @@ def eval_cam(
     (JSON, Markdown, PNG) are written next to ``out``. Returns the result with ``reports`` (the paths)."""
     root = Path(root)
     ids = read_id_list(resolve_list(root, list_name))
-    names = read_class_names(class_names) if class_names else None
+    names = read_class_list(class_names) if class_names else None
     result = evaluate_cam_folder(cams, root, ids, parse_thresholds(thresholds), num_classes=num_classes,
                                  mask_dir=mask_dir, fixed_threshold=fixed_threshold, class_names=names,
                                  progress=progress, mean_over=mean_over)

@@ -6,7 +6,11 @@ import contextlib
 import io
 import json
 import os
+import socket
+import sys
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,8 @@ import numpy as np
 #: Fixed zip member time stamp: the same arrays always give the same bytes (np.savez stamps "now").
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 TMP_SUFFIX = ".tmp"
+#: the lock file of a folder some process is writing (:func:`acquire_folder_lock`)
+LOCK_FILE = ".lock"
 #: The label-map value that no loss and no metric counts (VOC's object boundaries, IR labels' unsure pixels).
 IGNORE_INDEX = 255
 
@@ -113,3 +119,83 @@ def read_manifest(folder: str | Path, what: str = "", required: bool = False) ->
     if not isinstance(manifest, dict):
         raise ValueError(f"manifest {path} is not a JSON object")
     return manifest
+
+
+def producer_num_classes(manifest: dict[str, Any]) -> int | None:
+    """The foreground class count of the model that produced a folder (a writer's manifest: its data set's
+    ``protocol.data.num_classes``, else the model's ``hparams.num_classes``); ``None`` when it states none."""
+    data = (manifest.get("protocol") or {}).get("data") or {}
+    count = data.get("num_classes", (manifest.get("hparams") or {}).get("num_classes"))
+    return None if count is None else int(count)
+
+
+#: locks this process holds: lock path -> open file (the kernel lock lives as long as the file is open)
+_HELD_LOCKS: dict[Path, Any] = {}
+
+
+def acquire_folder_lock(folder: str | Path, what: str) -> Path:
+    """Claim ``folder`` for this process with an exclusive ``flock`` on ``<folder>/.lock``.
+
+    Two writers in one folder would each delete the other's temporary files as leftovers of a killed run and
+    write a manifest of half the ids. The kernel drops the lock when its process ends, ``kill -9`` included, so
+    a killed run never blocks its rerun. The file names the holder (pid, host, start, command) for the
+    :class:`~lit_wsss.errors.FolderInUseError` the second process gets; ``what`` names the output there.
+    """
+    import fcntl
+
+    from lit_wsss.errors import FolderInUseError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = (folder / LOCK_FILE).resolve()
+    if lock in _HELD_LOCKS:
+        return lock
+    while True:
+        handle = open(lock, "a+")  # noqa: SIM115 - kept open while the lock is held
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            text = handle.read()
+            handle.close()
+            try:
+                holder = json.loads(text)
+            except ValueError:
+                holder = {}
+            raise FolderInUseError(
+                f"{what} folder {folder} is being written by another process (pid {holder.get('pid', '?')} on "
+                f"{holder.get('host', '?')} since {holder.get('started', '?')}: {holder.get('command', '?')}); "
+                "wait for it to finish") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock it again
+            same = os.fstat(handle.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": " ".join(sys.argv)}, handle)
+    handle.flush()
+    _HELD_LOCKS[lock] = handle
+    return lock
+
+
+def release_folder_lock(folder: str | Path) -> None:
+    """Remove ``<folder>/.lock`` and drop its lock, if this process holds it."""
+    lock = (Path(folder) / LOCK_FILE).resolve()
+    handle = _HELD_LOCKS.pop(lock, None)
+    if handle is not None:
+        lock.unlink(missing_ok=True)  # before closing: a process waiting on this file then sees it gone
+        handle.close()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[Path]:
+    """:func:`acquire_folder_lock` for the duration of a ``with`` block."""
+    lock = acquire_folder_lock(folder, what)
+    try:
+        yield lock
+    finally:
+        release_folder_lock(folder)

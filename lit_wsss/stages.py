@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lit_wsss.io import read_manifest, write_json_atomic
+from lit_wsss.io import producer_num_classes, read_manifest, write_json_atomic
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 #: Written by :func:`fit` when a training run has ended: only then is ``last.ckpt`` the final checkpoint.
@@ -93,7 +93,10 @@ def segment(model_args: Sequence[str], checkpoint: Path, ids: str, folder: Path)
 
 def produced_classes(folder: Path, what: str) -> int:
     """The foreground class count of the model that produced ``folder`` (its manifest's ``hparams``)."""
-    return int(read_manifest(folder, what, required=True)["hparams"]["num_classes"])
+    count = producer_num_classes(read_manifest(folder, what, required=True))
+    if count is None:
+        raise ValueError(f"{folder / 'manifest.json'} states no class count (hparams.num_classes)")
+    return count
 
 
 def evaluate(cams: Path, root: str | Path, list_name: str, out: Path, num_classes: int | None = None,

@@ -8,6 +8,7 @@ import torchvision
 from torch import nn
 
 from lit_wsss.backbones import FrozenStatsBatchNorm2d, build_backbone, freeze_bn_stats
+from lit_wsss.errors import WeightsFileError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -148,7 +149,7 @@ def test_local_path_and_wrong_keys(tmp_path: Path):
     assert all(torch.equal(v, ref[k]) for k, v in bb.state_dict().items())
     bad = tmp_path / "bad.pth"
     torch.save({f"resnet50.{k}": v for k, v in ref.items()}, bad)
-    with pytest.raises(RuntimeError, match="bad.pth.*missing keys"):
+    with pytest.raises(WeightsFileError, match="bad.pth.*missing keys"):
         build_backbone("resnet18", pretrained=str(bad))
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_backbone("resnet18", pretrained=str(tmp_path / "nope.pth"))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_wsss.backbones import BACKBONE_NAMES, FrozenStatsBatchNorm2d, build_backbone
+from lit_wsss.errors import WeightsFileError
 
 FROZEN_BY_CPN = ("conv1a.", "b2.", "b2_1.", "b2_2.")  # spec §6: conv1a, b2, b2_1, b2_2
 
@@ -255,5 +256,5 @@ def test_load_official_names_from_file(bb, tmp_path):
     path.unlink()
     bad = tmp_path / "missing.pth"
     torch.save({f"module.{k}": v for k, v in own.items() if k != "b4_3.conv_branch2a.weight"}, bad)
-    with pytest.raises(RuntimeError, match=r"missing\.pth.*missing keys 1 \['b4_3\.conv_branch2a\.weight'\]"):
+    with pytest.raises(WeightsFileError, match=r"missing\.pth.*missing keys 1 \['b4_3\.conv_branch2a\.weight'\]"):
         build_backbone("resnet38d", pretrained=str(bad))

@@ -17,6 +17,8 @@ Guarantees:
 * under DDP, predict's unrepeated sampler gives every id to exactly one rank; every rank records what it
   wrote in ``_shard_<rank>.json`` and rank 0 merges them into ``manifest.json``, failing if an id was
   written twice or is missing;
+* one writer per folder: a second export into a folder that a live process is writing is refused, naming
+  that process (``<out_dir>/.lock``, :func:`lit_wsss.io.acquire_folder_lock`; a killed run's lock is free);
 * ``run.json`` pins the producer (method, checkpoint, hyperparameters): a rerun with another producer into
   the same folder is refused instead of mixing CAMs of two models;
 * nothing is kept in memory (run predict with ``return_predictions: false``).
@@ -34,7 +36,9 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from lit_wsss.cam_files import CAM_ARRAYS, cam_file_info, cam_path, write_cam_file
-from lit_wsss.io import TMP_SUFFIX, palette_png_bytes, write_bytes_atomic, write_json_atomic
+from lit_wsss.errors import FolderInUseError
+from lit_wsss.io import (TMP_SUFFIX, acquire_folder_lock, palette_png_bytes, release_folder_lock, write_bytes_atomic,
+                         write_json_atomic)
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
@@ -70,6 +74,17 @@ class ResumableWriter(BasePredictionWriter):
         if dataset is None or not hasattr(dataset, "select"):
             raise RuntimeError("CAMWriter needs a lit_wsss DataModule whose predict_dataset supports select()")
         self._all_ids = list(dataset.image_ids)
+        # One writer per folder: a second one would delete this one's temporary files below. Rank 0 holds the
+        # lock; every rank learns the outcome, so that all stop together instead of waiting in a barrier.
+        refusal = None
+        if trainer.is_global_zero:
+            try:
+                acquire_folder_lock(self.out_dir, self.stage)
+            except FolderInUseError as error:
+                refusal = str(error)
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        if refusal is not None:
+            raise FolderInUseError(refusal)
         if trainer.is_global_zero:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for leftover in [*self.out_dir.glob(f"*{TMP_SUFFIX}"), *self.out_dir.glob("_shard_*.json")]:
@@ -152,7 +167,14 @@ class ResumableWriter(BasePredictionWriter):
         trainer.strategy.barrier()
         if trainer.is_global_zero:
             self._write_manifest(trainer)
+            release_folder_lock(self.out_dir)
         trainer.strategy.barrier()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        release_folder_lock(self.out_dir)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        release_folder_lock(self.out_dir)
 
     def _write_manifest(self, trainer: pl.Trainer) -> None:
         shards = sorted(self.out_dir.glob("_shard_*.json"))

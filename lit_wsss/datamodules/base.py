@@ -21,8 +21,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_wsss.datamodules.files import read_mask, read_rgb
-from lit_wsss.io import IGNORE_INDEX
 from lit_wsss.datamodules.transforms import build_train_transform, inference
+from lit_wsss.errors import LabelFileError
+from lit_wsss.io import IGNORE_INDEX
 
 
 class Batch(TypedDict, total=False):
@@ -151,6 +152,9 @@ class WSSSDataModule(pl.LightningDataModule):
         seed_dir: pixel pseudo masks (``<id>.png``: 0 background, c+1 class c, 255 ignore) for the TRAINING
             images, cropped and flipped with them as ``mask`` (GSLM's seeds, cls.md §2.4); ``None``: image
             labels only.
+        allow_empty_labels: train on images whose label vector has no foreground class. A multi-label
+            classifier on VOC or COCO never sees one, so by default such an image in a training list is an
+            error naming the ids (most likely a broken label file).
     """
 
     num_classes: int
@@ -165,8 +169,10 @@ class WSSSDataModule(pl.LightningDataModule):
         resize_long: tuple[int, int] = (320, 640),
         train_transform: str = "irn_cls",
         seed_dir: str | None = None,
+        allow_empty_labels: bool = False,
     ) -> None:
         super().__init__()
+        self.allow_empty_labels = allow_empty_labels
         self.seed_dir = Path(seed_dir) if seed_dir else None
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -196,6 +202,14 @@ class WSSSDataModule(pl.LightningDataModule):
         missing = [i for i in ids if i not in labels]
         if missing:
             raise KeyError(f"{len(missing)} ids of {ids_source} have no label in {labels_source}, e.g. {missing[:5]}")
+        empty = [i for i in ids if not np.any(labels[i])] if train and not self.allow_empty_labels else []
+        if empty:
+            raise LabelFileError(
+                f"{len(empty)} of {len(ids)} training images of {ids_source} have no foreground class in "
+                f"{labels_source}, e.g. {empty[:5]}; a multi-label classifier is never trained on such an image, "
+                "so the label file is most likely broken. Fix it, drop the ids from the list, or set "
+                "data.init_args.allow_empty_labels=true"
+            )
         absent = [p for p in image_paths if not p.is_file()]
         if absent:
             raise FileNotFoundError(
@@ -255,4 +269,5 @@ class WSSSDataModule(pl.LightningDataModule):
             "resize_long": list(self.resize_long),
             "train_transform": self.train_transform,
             "seed_dir": str(self.seed_dir) if self.seed_dir else None,
+            "allow_empty_labels": self.allow_empty_labels,
         }

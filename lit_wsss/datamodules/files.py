@@ -12,14 +12,40 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from lit_wsss.errors import ImageFileError
 from lit_wsss.io import IGNORE_INDEX
 
 
+_JPEG_START, _JPEG_SCAN, _JPEG_END = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
+
+
+def jpeg_is_truncated(data: bytes) -> bool:
+    """A JPEG whose last scan has no end-of-image marker after it: the file was cut short.
+
+    libjpeg (OpenCV, PIL with ``LOAD_TRUNCATED_IMAGES``) decodes such a file with a warning and fills the
+    missing rows grey, so it would train silently. Entropy-coded data never holds ``FF D9`` (an ``FF`` byte is
+    stuffed as ``FF 00``), so an end marker after the last start-of-scan marker means the data is complete;
+    bytes after the end marker (camera padding) are allowed; a file cut inside its headers has no end marker.
+    """
+    if not data.startswith(_JPEG_START):
+        return False
+    end = data.rfind(_JPEG_END)
+    return end < 0 or end < data.rfind(_JPEG_SCAN)
+
+
 def read_rgb(path: Path) -> np.ndarray:
-    """uint8 RGB image (grey images are expanded to 3 channels); a clear error for missing/corrupt files."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """uint8 RGB image (grey images are expanded to 3 channels); a clear error for missing, corrupt or truncated
+    files (:class:`~lit_wsss.errors.ImageFileError`)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ImageFileError(f"cannot read image {path}: {error.strerror or error}") from None
+    if jpeg_is_truncated(data):
+        raise ImageFileError(f"image {path} is a truncated JPEG ({len(data)} bytes, no end-of-image marker after "
+                             "its last scan); copy or download it again")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
-        raise OSError(f"cannot read image {path}: file missing or not a decodable image")
+        raise ImageFileError(f"cannot read image {path}: {'empty file' if not data else 'not a decodable image'}")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -18,6 +18,7 @@ from torchmetrics import Metric
 
 from lit_wsss.backbones import Backbone, build_backbone
 from lit_wsss.checkpoints import load_initial_state_dict
+from lit_wsss.errors import NonFiniteError
 from lit_wsss.metrics import MeanIoU
 
 
@@ -113,10 +114,33 @@ class WSSSModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.training_losses(batch)
         total = torch.stack(list(losses.values())).sum()
+        self.stop_on_non_finite(losses, batch_idx)
         batch_size = batch["image"].shape[0]
         self.log_dict({f"train/loss_{name}": value for name, value in losses.items()}, batch_size=batch_size)
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         return total
+
+    def stop_on_non_finite(self, losses: dict[str, Tensor], batch_idx: int) -> None:
+        """Stop training at the first nan/inf loss term, before its backward pass and optimizer step.
+
+        Raises :class:`~lit_wsss.errors.NonFiniteError` naming the step and the terms, on every rank at
+        once (one all-reduced flag per step, so no rank is left waiting in a collective). Nothing is saved
+        after it: the checkpoints on disk hold the weights from before (see ``on_save_checkpoint``).
+        """
+        finite = torch.isfinite(torch.stack([value.detach().float() for value in losses.values()]))
+        local_bad = not bool(finite.all())
+        trainer = self._trainer
+        bad = trainer.strategy.reduce_boolean_decision(local_bad, all=False) if trainer is not None else local_bad
+        if not bad:
+            return
+        terms = ", ".join(f"{name}={value.item():g}" for name, value in losses.items()
+                          if not torch.isfinite(value.detach()).all())
+        where = f"on rank {self.global_rank}: {terms}" if local_bad else "on another rank"
+        raise NonFiniteError(
+            f"non-finite training loss at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx}) "
+            f"{where}; training stopped before this step's update and no checkpoint was written after it. "
+            f"Lower the learning rate (lr={self.hparams.lr}) or check this batch's inputs"
+        )
 
     def setup(self, stage: str) -> None:
         # ddp_spawn shares metric states between ranks until the first reset (../shared/stack.md §3b).
@@ -194,6 +218,16 @@ class WSSSModule(pl.LightningModule):
             logger.log_hyperparams({"protocol": self.protocol()})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A step with a finite loss can still leave inf/nan weights behind (an overflowing update): such a state
+        # is never written, so last.ckpt keeps the last finite weights.
+        broken = [name for name, value in checkpoint.get("state_dict", {}).items()
+                  if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if broken:
+            raise NonFiniteError(
+                f"refusing to save a checkpoint at step {self.global_step}: {len(broken)} tensors hold nan/inf, "
+                f"e.g. {broken[:3]}; the checkpoints already on disk are kept. Lower the learning rate "
+                f"(lr={self.hparams.lr})"
+            )
         checkpoint["protocol"] = self.protocol()
 
 

@@ -35,6 +35,8 @@ from torchmetrics.classification import MultilabelAveragePrecision
 
 from lit_wsss.backbones import Backbone, build_backbone
 from lit_wsss.cams import CAMRecord, multiscale_cams
+from lit_wsss.checkpoints import read_weights_file
+from lit_wsss.errors import WeightsFileError
 from lit_wsss.losses.slams import (
     SE_SIZE,
     SLAMS_CAM_SCALES,
@@ -153,16 +155,16 @@ class SLAMs(CAMHeadMixin, WSSSModule):
             raise ValueError("SLAMs needs encoder_checkpoint: train stage A first (`make train METHOD=slams_encoder`, "
                              "or `lit-wsss pipeline --method slams`, which runs it)")
         path = Path(hp.encoder_checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"encoder_checkpoint {path} does not exist (a stage-A SemanticEncoder .ckpt)")
         backbone = build_backbone(hp.encoder_backbone, pretrained=None)
         encoder = SemanticEncoderNet(backbone, hp.num_classes + 1, hp.embed_dim, hp.se_size)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_weights_file(path, "encoder_checkpoint", "a stage-A SemanticEncoder .ckpt")
+        if not isinstance(state, dict):
+            raise WeightsFileError(f"encoder_checkpoint: {path} holds a {type(state).__name__}, expected a .ckpt")
         state = {k[len("net."):]: v for k, v in state.get("state_dict", state).items() if k.startswith("net.")}
         try:
             encoder.load_state_dict(state)
         except RuntimeError as error:
-            raise ValueError(f"encoder_checkpoint {path} does not fit a {hp.encoder_backbone} semantic encoder "
+            raise WeightsFileError(f"encoder_checkpoint {path} does not fit a {hp.encoder_backbone} semantic encoder "
                              f"with {hp.num_classes + 1} categories x {hp.embed_dim}: {error}") from None
         encoder.requires_grad_(False)  # frozen but differentiable: no torch.no_grad around it (P3)
         return encoder.eval()

@@ -65,10 +65,13 @@ from tqdm import tqdm
 
 from lit_wsss.cam_files import cam_path, load_cam_file, read_cam_manifest
 from lit_wsss.datamodules.files import find_image_folder, image_file, read_id_list, read_rgb, resolve_list
+from lit_wsss.errors import ReportedError
 from lit_wsss.io import (
     IGNORE_INDEX,
     TMP_SUFFIX,
+    acquire_folder_lock,
     palette_png_bytes,
+    release_folder_lock,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -404,6 +407,7 @@ def make_ir_labels(
     Raises:
         FileNotFoundError: the CAM folder, a listed CAM file or image is missing (named).
         FileExistsError: ``out_dir`` holds IR labels made with other parameters (the keys are named).
+        FolderInUseError: another live process is writing ``out_dir`` (a ``RuntimeError``; the holder named).
         ValueError: bad parameters, malformed CAM files, image/CAM size mismatch (both files named).
     """
     start = time.perf_counter()
@@ -442,70 +446,74 @@ def make_ir_labels(
         "values": "0 background, keys + 1 classes, 255 uncertain (ignored)",
     }
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
-    previous_ids: list[str] = []
-    if manifest_path.is_file():
-        try:
-            previous = json.loads(manifest_path.read_text())
-            previous_listed = [str(i) for i in previous.get("ids", [])]
-        except (OSError, ValueError, AttributeError, TypeError) as error:
-            if not overwrite:
-                raise ValueError(f"cannot read {manifest_path}: {error} (overwrite replaces it)") from None
-            previous, previous_listed = {}, []
-        before, now = _comparable(previous), _comparable(manifest)
-        changed = sorted(key for key in PARAMETER_KEYS if before.get(key) != now.get(key))
-        if changed and not overwrite:
-            raise FileExistsError(f"{out_dir} holds IR labels made with other parameters (differs in "
-                                  f"{changed}, see {manifest_path}); use a new folder or overwrite")
-        if changed:  # overwrite: labels of the old parameters that this run does not redo must not linger
-            for image_id in set(previous_listed) - set(ids):
-                (out_dir / f"{image_id}.png").unlink(missing_ok=True)
-        else:
-            previous_ids = [i for i in previous_listed if (out_dir / f"{i}.png").is_file()]
-    elif not overwrite:
-        foreign = [i for i in ids if (out_dir / f"{i}.png").is_file()]
-        if foreign:
-            raise FileExistsError(f"{out_dir} holds {len(foreign)} PNG(s) of listed ids (e.g. "
-                                  f"{foreign[0]}.png) but no {MANIFEST}: their parameters are unknown; use a "
-                                  "new folder or overwrite")
-    for leftover in out_dir.glob(f"*{TMP_SUFFIX}"):  # from a killed run
-        leftover.unlink(missing_ok=True)
-    known = set(ids)
-    all_ids = [i for i in previous_ids if i not in known] + ids
-    # Pin the parameters before the first PNG, so an interrupted run is resumed only with the same ones.
-    write_json_atomic(manifest_path, {**manifest, "complete": False, "count": len(all_ids), "ids": all_ids})
-
-    todo = ids if overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
-    job = _Job(str(cams_dir), str(image_dir), str(out_dir), convention,
-               params["fg_threshold"], params["bg_threshold"], params["bg_factor"], crf_gaussian_compat)
-    bar = tqdm(total=len(todo), desc=STAGE, unit="img", disable=not progress)
+    # one writer per folder: a second would delete this one's temporary files as leftovers
+    acquire_folder_lock(out_dir, STAGE)
     try:
-        if workers == 1 or len(todo) <= 1:
-            for image_id in todo:
-                _process(job, image_id)
-                bar.update()
-        elif todo:
-            processes = min(int(workers), len(todo))
-            chunksize = max(1, min(8, len(todo) // (4 * processes)))
-            with worker_context().Pool(processes, initializer=_init_worker) as pool:
-                for _ in pool.imap_unordered(functools.partial(_process, job), todo, chunksize=chunksize):
+        manifest_path = out_dir / MANIFEST
+        previous_ids: list[str] = []
+        if manifest_path.is_file():
+            try:
+                previous = json.loads(manifest_path.read_text())
+                previous_listed = [str(i) for i in previous.get("ids", [])]
+            except (OSError, ValueError, AttributeError, TypeError) as error:
+                if not overwrite:
+                    raise ValueError(f"cannot read {manifest_path}: {error} (overwrite replaces it)") from None
+                previous, previous_listed = {}, []
+            before, now = _comparable(previous), _comparable(manifest)
+            changed = sorted(key for key in PARAMETER_KEYS if before.get(key) != now.get(key))
+            if changed and not overwrite:
+                raise FileExistsError(f"{out_dir} holds IR labels made with other parameters (differs in "
+                                      f"{changed}, see {manifest_path}); use a new folder or overwrite")
+            if changed:  # overwrite: labels of the old parameters that this run does not redo must not linger
+                for image_id in set(previous_listed) - set(ids):
+                    (out_dir / f"{image_id}.png").unlink(missing_ok=True)
+            else:
+                previous_ids = [i for i in previous_listed if (out_dir / f"{i}.png").is_file()]
+        elif not overwrite:
+            foreign = [i for i in ids if (out_dir / f"{i}.png").is_file()]
+            if foreign:
+                raise FileExistsError(f"{out_dir} holds {len(foreign)} PNG(s) of listed ids (e.g. "
+                                      f"{foreign[0]}.png) but no {MANIFEST}: their parameters are unknown; use a "
+                                      "new folder or overwrite")
+        for leftover in out_dir.glob(f"*{TMP_SUFFIX}"):  # from a killed run
+            leftover.unlink(missing_ok=True)
+        known = set(ids)
+        all_ids = [i for i in previous_ids if i not in known] + ids
+        # Pin the parameters before the first PNG, so an interrupted run is resumed only with the same ones.
+        write_json_atomic(manifest_path, {**manifest, "complete": False, "count": len(all_ids), "ids": all_ids})
+
+        todo = ids if overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
+        job = _Job(str(cams_dir), str(image_dir), str(out_dir), convention,
+                   params["fg_threshold"], params["bg_threshold"], params["bg_factor"], crf_gaussian_compat)
+        bar = tqdm(total=len(todo), desc=STAGE, unit="img", disable=not progress)
+        try:
+            if workers == 1 or len(todo) <= 1:
+                for image_id in todo:
+                    _process(job, image_id)
                     bar.update()
+            elif todo:
+                processes = min(int(workers), len(todo))
+                chunksize = max(1, min(8, len(todo) // (4 * processes)))
+                with worker_context().Pool(processes, initializer=_init_worker) as pool:
+                    for _ in pool.imap_unordered(functools.partial(_process, job), todo, chunksize=chunksize):
+                        bar.update()
+        finally:
+            bar.close()
+        seconds = time.perf_counter() - start
+        write_json_atomic(manifest_path, {
+            **manifest, "complete": True, "count": len(all_ids), "ids": all_ids,
+            "written_this_run": len(todo), "skipped_this_run": len(ids) - len(todo), "workers": int(workers),
+        })
+        return {
+            "written": len(todo),
+            "skipped": len(ids) - len(todo),
+            "seconds": seconds,
+            "images_per_second": len(todo) / seconds if seconds > 0 else 0.0,
+            "out": str(out_dir),
+            "manifest": str(manifest_path),
+        }
     finally:
-        bar.close()
-    seconds = time.perf_counter() - start
-    write_json_atomic(manifest_path, {
-        **manifest, "complete": True, "count": len(all_ids), "ids": all_ids,
-        "written_this_run": len(todo), "skipped_this_run": len(ids) - len(todo), "workers": int(workers),
-    })
-    return {
-        "written": len(todo),
-        "skipped": len(ids) - len(todo),
-        "seconds": seconds,
-        "images_per_second": len(todo) / seconds if seconds > 0 else 0.0,
-        "out": str(out_dir),
-        "manifest": str(manifest_path),
-    }
+        release_folder_lock(out_dir)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -617,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             args.cams, args.root, args.list, args.out, workers=args.workers, progress=not args.no_progress,
             overwrite=args.overwrite, **{name: getattr(args, name) for name in REFINEMENT_OPTIONS},
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, ReportedError) as error:
         print(f"{STAGE}: error: {error}", file=sys.stderr)
         return 1
     print(f"{STAGE}: {result['written']} written, {result['skipped']} skipped in {result['seconds']:.1f} s "
