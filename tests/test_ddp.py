@@ -9,6 +9,7 @@ import torch
 
 from lit_wsss.cams import cams_to_mask
 from lit_wsss.datamodules import SyntheticVOCDataModule
+from lit_wsss.errors import NonFiniteError
 from lit_wsss.metrics import miou_from_confusion
 from lit_wsss.modules import CAM
 
@@ -121,3 +122,40 @@ def test_two_process_training_of_each_method(name, tmp_path):
     pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=2, limit_val_batches=0, logger=False,
                enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False).fit(model, datamodule)
     assert not torch.equal(model.backbone.layer4[0].conv1.weight, before)
+
+
+class NanOnRankOne(CAM):
+    """A loss that goes nan on rank 1 only, at step 1 (module level: ddp_spawn pickles the model)."""
+
+    def training_losses(self, batch):
+        losses = super().training_losses(batch)
+        if self.global_rank == 1 and self.global_step == 1:
+            losses["cls"] = losses["cls"] * float("nan")
+        return losses
+
+    def stop_on_non_finite(self, losses, batch_idx):
+        try:
+            super().stop_on_non_finite(losses, batch_idx)
+        except NonFiniteError as error:  # what each rank saw, for the test to read
+            (self.record_dir / f"rank{self.global_rank}.txt").write_text(str(error))
+            raise
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_a_nan_loss_on_one_rank_stops_every_rank_at_that_step(tmp_path):
+    """Issue 17 under DDP: the flag is all-reduced, so rank 0 stops too instead of waiting for rank 1 in the
+    gradient all-reduce; the error names the step."""
+    torch.manual_seed(0)
+    model = NanOnRankOne(num_classes=NUM_CLASSES, backbone="resnet18", pretrained=None, cam_scales=(1.0,))
+    model.record_dir = tmp_path
+    datamodule = make_datamodule(tmp_path / "synthetic")
+    datamodule.batch_size = 1
+    run = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=4, limit_val_batches=0,
+                     logger=False, enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(Exception, match=r"non-finite training loss at step 1 \(epoch 0, batch 1\) on (rank 1: cls=nan|"
+                                        r"another rank)"):
+        run.fit(model, datamodule)
+    assert (tmp_path / "rank1.txt").read_text().startswith("non-finite training loss at step 1 (epoch 0, batch 1) "
+                                                         "on rank 1: cls=nan")
+    assert (tmp_path / "rank0.txt").read_text().startswith("non-finite training loss at step 1 (epoch 0, batch 1) "
+                                                         "on another rank")
