@@ -54,11 +54,12 @@ def fit(args: Sequence[str], run_dir: Path) -> Path:
     finished = run_dir / FIT_DONE
     if finished.is_file() and last.is_file():
         return last
-    # last.ckpt is saved after every epoch: without the marker it is an interrupted run, resumed where it stopped
+    # last.ckpt is saved after every epoch (save_top_k 0 would write it only at the end, Lightning 2.6): without
+    # the marker it is an interrupted run, resumed where it stopped
     resume = [f"--ckpt_path={last}"] if last.is_file() else []
     cli = run_cli(["fit", *args, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false",
                    "--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.ModelCheckpoint, init_args: "
-                   f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 0}}}}]", *resume])
+                   f"{{dirpath: {run_dir / 'checkpoints'}, save_last: true, save_top_k: 1}}}}]", *resume])
     if not last.is_file() and cli.trainer.fast_dev_run:
         # Lightning turns checkpointing off in a fast dev run; the next stage still needs the weights
         cli.trainer.save_checkpoint(last)

@@ -162,8 +162,9 @@ def test_synthetic_fit_writes_a_checkpoint_with_its_protocol(tmp_path):
     assert protocol["data"]["val_list"] == "val" and protocol["data"]["ground_truth"] == "SegmentationClass"
     assert protocol["cam"]["scales"] == [1.0, 0.5, 1.5, 2.0] and protocol["cam"]["threshold_chosen"] == "fixed"
     assert protocol["optimizer"]["effective_momentum"] == 1e-4
-    assert 0 <= checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "ModelCheckpoint" in k)][
+    assert 0 <= checkpoint["callbacks"][next(k for k in checkpoint["callbacks"] if "val/mIoU" in k)][
         "best_model_score"] <= 1
+    assert any(k.startswith("RNGState") for k in checkpoint["callbacks"])  # WSSSModule.configure_callbacks
 
 
 def test_voc_mini_predict_then_eval_cam(shared_data, tmp_path):

@@ -213,6 +213,13 @@ class WSSSModule(pl.LightningModule):
             record["seed"] = _current_seed()
         return record
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Every fit saves its RNG states in its checkpoints (:class:`~lit_wsss.callbacks.RNGState`): a run
+        resumed from an end-of-epoch checkpoint then ends with the weights of an uninterrupted one."""
+        from lit_wsss.callbacks.rng_state import RNGState
+
+        return [RNGState()]
+
     def on_fit_start(self) -> None:
         for logger in self.loggers:
             logger.log_hyperparams({"protocol": self.protocol()})
