@@ -28,6 +28,9 @@ import numpy as np
 
 from lit_wsss.io import npz_shapes, read_manifest, save_npz_atomic
 
+#: IRN's ``cam_eval_thres`` (protocol.md §5): the background threshold a CAM file is decoded with unless its
+#: manifest records another (here, not in :mod:`lit_wsss.cams`, so that ``eval-cam`` needs no torch).
+DEFAULT_BG_THRESHOLD = 0.15
 #: The arrays of a CAM file, in the order they are written.
 CAM_ARRAYS = ("keys", "high_res", "cam", "bg")
 SUFFIX = ".npz"

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_wsss.cam_files import DEFAULT_BG_THRESHOLD
+
 #: IRN's inference scales (protocol.md §2, §8).
 DEFAULT_CAM_SCALES: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
-#: IRN's ``cam_eval_thres`` (protocol.md §5).
-DEFAULT_BG_THRESHOLD = 0.15
 #: Added to the per-class max before normalising (protocol.md §8, "normalisation eps").
 NORM_EPS = 1e-5
 #: How a method sizes its full-resolution CAM: ``padded`` = IRN ``make_cam.py`` (bilinear resize to the

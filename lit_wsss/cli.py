@@ -1,4 +1,4 @@
-"""The one command line: ``lit-wsss {fit,validate,test,predict} --config ...`` (style.md P4).
+"""The one command line: ``lit-wsss {fit,validate,test,predict} --config ...`` (style.md P4) and the tools.
 
 Configs are layered with repeated ``--config`` flags, left to right: experiments/<data>/_base.yaml, then the
 method's recipe experiments/methods/<method>.yaml (only what differs from the constructor defaults), then what the
@@ -12,45 +12,21 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any
 
 # Offline-safe defaults, before albumentations / wandb are imported (../shared/stack.md, "Pitfalls").
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
-from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI  # noqa: E402
-
-from lit_wsss.datamodules.base import WSSSDataModule  # noqa: E402
 from lit_wsss.errors import report  # noqa: E402
-from lit_wsss.modules.base import WSSSModule  # noqa: E402
 
 
-class WSSSCLI(LightningCLI):
-    """LightningCLI with subclass mode for methods and data sets and the class count linked between them."""
+def run_cli(args: list[str] | None = None) -> Any:
+    """Build and run the Lightning CLI (:class:`lit_wsss.trainer_cli.WSSSCLI`); ``args`` lets tests and scripts
+    call it in-process. Lightning is imported here, not at the top: the tools below never need it."""
+    from lit_wsss.trainer_cli import build_cli
 
-    def init_parser(self, **kwargs):  # noqa: D102 - lists the extra tools in --help
-        kwargs.setdefault(
-            "epilog", "other tools: " + "; ".join(f"lit-wsss {name} --help: {h}" for name, (_, h) in TOOLS.items())
-        )
-        return super().init_parser(**kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-
-
-def run_cli(args: ArgsType = None) -> WSSSCLI:
-    """Build and run the CLI; ``args`` lets tests and scripts call it in-process."""
-    import lit_wsss.datamodules  # noqa: F401  - registers every DataModule subclass for class_path lookup
-    import lit_wsss.modules  # noqa: F401  - registers every method
-
-    return WSSSCLI(
-        WSSSModule,
-        WSSSDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    return build_cli(args)
 
 
 #: Subcommands that are not Trainer entry points: name -> (module, help).
@@ -65,7 +41,7 @@ TOOLS = {
 }
 
 
-def main(args: ArgsType = None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lit-wsss`` console script: LightningCLI subcommands plus the tools in ``TOOLS``."""
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv and argv[0] in TOOLS:

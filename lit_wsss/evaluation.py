@@ -42,12 +42,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lit_wsss.cam_files import cam_path, load_cam_file, read_cam_manifest
-from lit_wsss.cams import DEFAULT_BG_THRESHOLD
+from lit_wsss.cam_files import DEFAULT_BG_THRESHOLD, cam_path, load_cam_file, read_cam_manifest
 from lit_wsss.datamodules.files import find_mask_folder, read_id_list, read_mask, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES, read_class_list
 from lit_wsss.io import IGNORE_INDEX, producer_num_classes, read_manifest
-from lit_wsss.metrics import (
+from lit_wsss.scores import (
     ARGMAX_LABEL,
     MEAN_OVER,
     argmax_confusion,
@@ -108,7 +107,7 @@ def evaluate_cam_folder(
             against every other source that states a count (:func:`resolve_classes`).
         mask_dir: ground-truth folder overriding the default (a path, or a name under ``root``).
         fixed_threshold: the pre-registered threshold; default the manifest's ``bg_threshold``, else IRN's
-            0.15 (:data:`lit_wsss.cams.DEFAULT_BG_THRESHOLD`). Evaluated even if it is not in the sweep.
+            0.15 (:data:`lit_wsss.cam_files.DEFAULT_BG_THRESHOLD`). Evaluated even if it is not in the sweep.
         class_names: ``C+1`` names (background first) or ``C`` foreground names; default ``<root>/classes.txt``,
             else VOC's.
         progress: show a tqdm progress bar (stderr).

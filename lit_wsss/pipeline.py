@@ -89,7 +89,7 @@ def held_out_threshold(out: Path, cams: Path, args: argparse.Namespace, stage: S
     threshold that scores best on THEIR masks, and the mIoU of ``--list`` at that threshold (read from the
     sweep of ``eval_cams.json``, which holds every threshold of the same sweep). Written to
     ``eval_cams_held_out.json``; a method with its own background (SIPE) has no threshold to choose."""
-    from lit_wsss.metrics import threshold_index
+    from lit_wsss.scores import threshold_index
 
     result_path = out / "eval_cams_held_out.json"
     train_result = json.loads((out / "eval_cams.json").read_text())

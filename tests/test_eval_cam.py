@@ -11,7 +11,8 @@ from PIL import Image
 from lit_wsss.cams import cams_to_mask
 from lit_wsss.datamodules.labels import load_cls_labels
 from lit_wsss.evaluation import evaluate_cam_folder, main, parse_thresholds, write_reports
-from lit_wsss.metrics import argmax_confusion, miou_from_confusion, sweep_confusions
+from lit_wsss.metrics import miou_from_confusion
+from lit_wsss.scores import argmax_confusion, sweep_confusions
 
 # Coarse value grid: CAM values and thresholds are drawn from the same float64 numbers, so equal CAM values
 # (argmax ties) and CAM values equal to a threshold both occur.

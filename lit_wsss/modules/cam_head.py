@@ -22,7 +22,8 @@ from lit_wsss.cams import (
     cams_to_mask,
     multiscale_cams,
 )
-from lit_wsss.metrics import ThresholdSweep, sweep_summary
+from lit_wsss.metrics import ThresholdSweep
+from lit_wsss.scores import sweep_summary
 
 #: protocol.md §5: the sweep logged next to the fixed 0.15.
 DEFAULT_SWEEP_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 13))
