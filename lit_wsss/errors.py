@@ -28,8 +28,8 @@ class MissingWeightsFileError(ReportedError, FileNotFoundError):
     """A weights file that does not exist."""
 
 
-class LabelFileError(ReportedError, ValueError):
-    """Image-level labels that cannot be what the user meant (e.g. a training image without any class)."""
+class TrainingDataError(ReportedError, ValueError):
+    """Training data that cannot be what the user meant: an image without any class, a list shorter than a batch."""
 
 
 class ImageFileError(ReportedError, OSError):

@@ -607,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         parse_thresholds(args.thresholds)
     except ValueError as error:
         parser.error(str(error))
+    if args.fixed_threshold is not None and not math.isfinite(args.fixed_threshold):
+        parser.error(f"--fixed-threshold must be a finite number, got {args.fixed_threshold}")
     try:
         result = eval_cam(args.cams, args.root, args.list, args.out, args.thresholds, args.num_classes,
                           args.class_names, args.mask_dir, args.fixed_threshold, args.mean_over,

@@ -35,11 +35,15 @@ def method_files(data: str, method: str) -> list[Path]:
 def configs(data: str, method: str, extra: Sequence[str | Path] = ()) -> list[str]:
     """``--config`` arguments of a method on a data set: ``experiments/<data>/_base.yaml``, the method's files
     (:func:`method_files`, at least one), then ``extra`` config files."""
+    base = EXPERIMENTS / data / "_base.yaml"
+    if not base.is_file():
+        known = sorted(p.parent.name for p in EXPERIMENTS.glob("*/_base.yaml"))
+        raise FileNotFoundError(f"unknown data set {data!r}: {base} does not exist (data sets: {', '.join(known)})")
     files = method_files(data, method)
     if not files:
         raise FileNotFoundError(f"no config of method {method!r} on data {data!r}: expected "
                                 f"{EXPERIMENTS / 'methods' / f'{method}.yaml'} or {EXPERIMENTS / data / f'{method}.yaml'}")
-    return [arg for path in (EXPERIMENTS / data / "_base.yaml", *files, *extra) for arg in ("--config", str(path))]
+    return [arg for path in (base, *files, *extra) for arg in ("--config", str(path))]
 
 
 def fit(args: Sequence[str], run_dir: Path) -> Path:

@@ -310,3 +310,34 @@ def test_ir_labels_into_a_folder_being_written_is_refused(folder, tmp_path, caps
         holder.stdout.close()
     assert ir_labels_main(args) == 0  # the holder is gone: the same command runs
     assert sorted(p.name for p in out.iterdir()) == ["c.png", "d.png", "manifest.json"]
+
+
+def test_a_training_list_shorter_than_one_batch_is_named(folder, tmp_path, capfd):
+    """It used to fail later as "poly schedule needs max_steps > 0, got 0" (every batch dropped)."""
+    code, err = run_cli(["fit", *configs("folder", "cam"), "--data.init_args.root", str(folder), *TINY,
+                         "--data.init_args.batch_size", "3", "--trainer.max_steps", "2",
+                         f"--trainer.default_root_dir={tmp_path}"], capfd)
+    assert code == 1
+    assert error_line(err) == ("lit-wsss: error: the training list has 2 images, fewer than one batch "
+                               "(data.init_args.batch_size=3 x 1 processes); the last incomplete batch is dropped "
+                               "(IRN), so nothing would train: lower the batch size or list more images")
+
+
+def test_unknown_data_set_and_bad_fixed_threshold_are_named(folder, tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match=r"unknown data set 'nope': .*experiments/nope/_base.yaml does not "
+                                                r"exist \(data sets: coco, folder, synth, voc\)"):
+        configs("nope", "cam")
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cam_main(["--cams", str(tmp_path), "--root", str(folder), "--out", str(tmp_path / "r.json"),
+                       "--fixed-threshold", "nan"])
+    assert exit_info.value.code == 2
+    assert "--fixed-threshold must be a finite number, got nan" in capsys.readouterr().err
+
+
+def test_a_corrupt_official_label_file_is_named(tmp_path):
+    from lit_wsss.datamodules.labels import read_official_cls_labels
+
+    path = tmp_path / "cls_labels.npy"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
+    with pytest.raises(ValueError, match=rf"{path}: not an official cls_labels.npy"):
+        read_official_cls_labels(path)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_wsss.datamodules.files import read_mask, read_rgb
 from lit_wsss.datamodules.transforms import build_train_transform, inference
-from lit_wsss.errors import LabelFileError
+from lit_wsss.errors import TrainingDataError
 from lit_wsss.io import IGNORE_INDEX
 
 
@@ -204,7 +204,7 @@ class WSSSDataModule(pl.LightningDataModule):
             raise KeyError(f"{len(missing)} ids of {ids_source} have no label in {labels_source}, e.g. {missing[:5]}")
         empty = [i for i in ids if not np.any(labels[i])] if train and not self.allow_empty_labels else []
         if empty:
-            raise LabelFileError(
+            raise TrainingDataError(
                 f"{len(empty)} of {len(ids)} training images of {ids_source} have no foreground class in "
                 f"{labels_source}, e.g. {empty[:5]}; a multi-label classifier is never trained on such an image, "
                 "so the label file is most likely broken. Fix it, drop the ids from the list, or set "
@@ -247,6 +247,12 @@ class WSSSDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # IRN drops the last incomplete batch (its max_step = len(dataset) // batch * epochs).
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.train_dataset is not None and len(self.train_dataset) < self.batch_size * world_size:
+            raise TrainingDataError(
+                f"the training list has {len(self.train_dataset)} images, fewer than one batch "
+                f"(data.init_args.batch_size={self.batch_size} x {world_size} processes); the last incomplete "
+                "batch is dropped (IRN), so nothing would train: lower the batch size or list more images")
         return self._loader(self.train_dataset, "train", batch_size=self.batch_size, shuffle=True, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ LABEL_FORMATS = (".json", ".csv", ".npz", ".npy")
 
 def read_official_cls_labels(path: Path) -> dict[Any, Any]:
     """The raw dict of an official ``cls_labels.npy``: the one place lit_wsss unpickles anything."""
-    loaded = np.load(path, allow_pickle=True)
+    try:
+        loaded = np.load(path, allow_pickle=True)
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: not an official cls_labels.npy (a dict saved with np.save): "
+                         f"{type(error).__name__}: {error}") from None
     if loaded.dtype != object or loaded.shape != ():
         raise ValueError(f"{path}: expected a dict saved with np.save (official cls_labels.npy format)")
     raw = loaded.item()
