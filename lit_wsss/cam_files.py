@@ -66,7 +66,10 @@ def read_cam_file(path: str | Path, arrays: Sequence[str] = ("keys", "high_res",
                 raise ValueError(f"missing array(s) {missing}; has {sorted(data.files)}")
             return {name: data[name] for name in arrays if name in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise ValueError(f"cannot read CAM file {path}: {error}") from None
+        reason = str(error)
+        if "allow_pickle" in reason:  # numpy's guess for any file that is not an .npy/.npz archive
+            reason = "not an .npz archive (damaged, or not written by lit_wsss)"
+        raise ValueError(f"cannot read CAM file {path}: {reason}") from None
 
 
 def load_cam_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

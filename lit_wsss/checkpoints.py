@@ -64,14 +64,11 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
-def read_weights_file(path: str | Path, what: str, hint: str = "a state dict saved with torch.save") -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, the one place lit_wsss reads a weights file.
-
-    Every failure is a :class:`~lit_wsss.errors.WeightsFileError` (``MissingWeightsFileError`` for a missing
-    file) whose message starts with ``what`` (the option, e.g. ``pretrained``) and the path, and says what was
-    expected instead of torch's long explanation. A file with pickled Python objects keeps failing: it is
-    never retried without ``weights_only``.
-    """
+def check_weights_file(path: str | Path, what: str, hint: str = "a state dict saved with torch.save",
+                       zip_only: bool = False) -> bool:
+    """The checks of :func:`read_weights_file` that need no loading: the file exists, is not empty and, when it
+    is a zip archive (torch.save's format since torch 1.6), is a whole one; ``zip_only`` refuses the legacy
+    format too (a Lightning checkpoint is always a zip archive). Returns whether it is a zip archive."""
     path = Path(path)
     expected = f"expected {hint}"
     if not path.is_file():
@@ -84,6 +81,24 @@ def read_weights_file(path: str | Path, what: str, hint: str = "a state dict sav
     if is_zip and not zipfile.is_zipfile(path):
         raise WeightsFileError(f"{what}: {path} is a truncated or damaged zip archive ({size} bytes); {expected} "
                                "(download or copy it again)")
+    if zip_only and not is_zip:
+        raise WeightsFileError(f"{what}: {path} is not a zip archive ({size} bytes), the format torch.save has "
+                               f"written since torch 1.6; {expected}")
+    return is_zip
+
+
+def read_weights_file(path: str | Path, what: str, hint: str = "a state dict saved with torch.save") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, the one place lit_wsss reads a weights file.
+
+    Every failure is a :class:`~lit_wsss.errors.WeightsFileError` (``MissingWeightsFileError`` for a missing
+    file) whose message starts with ``what`` (the option, e.g. ``pretrained``) and the path, and says what was
+    expected instead of torch's long explanation. A file with pickled Python objects keeps failing: it is
+    never retried without ``weights_only``.
+    """
+    path = Path(path)
+    expected = f"expected {hint}"
+    is_zip = check_weights_file(path, what, hint)
+    size = path.stat().st_size
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises pickle, zip, EOF and OS errors alike

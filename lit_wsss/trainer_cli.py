@@ -23,6 +23,17 @@ class WSSSCLI(LightningCLI):
         )
         return super().init_parser(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads --ckpt_path here first (for the hyperparameters), and a damaged file surfaces as an
+        # unpickling error that never names it: check it before ("last", "best", ... are Lightning's own names).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            from lit_wsss.checkpoints import check_weights_file
+
+            check_weights_file(ckpt_path, "--ckpt_path", "a checkpoint written by Lightning (.ckpt)", zip_only=True)
+        super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 

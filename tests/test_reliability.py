@@ -341,3 +341,15 @@ def test_a_corrupt_official_label_file_is_named(tmp_path):
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8).tobytes())
     with pytest.raises(ValueError, match=rf"{path}: not an official cls_labels.npy"):
         read_official_cls_labels(path)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "garbage", "truncated"])
+def test_a_bad_ckpt_path_is_named_before_lightning_reads_it(folder, weights, tmp_path, capfd, kind):
+    files, _ = weights
+    code, err = run_cli(["fit", *configs("folder", "cam"), "--data.init_args.root", str(folder), *TINY,
+                         "--trainer.max_steps", "1", f"--ckpt_path={files[kind]}",
+                         f"--trainer.default_root_dir={tmp_path}"], capfd)
+    assert code == 1
+    expected = {**EXPECTED, "garbage": "is not a zip archive"}[kind]
+    assert error_line(err).startswith(f"lit-wsss: error: --ckpt_path: ") and str(files[kind]) in error_line(err)
+    assert expected in error_line(err) and "Traceback" not in err
