@@ -67,7 +67,9 @@ def read_cam_file(path: str | Path, arrays: Sequence[str] = ("keys", "high_res",
             return {name: data[name] for name in arrays if name in data.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         reason = str(error)
-        if "allow_pickle" in reason:  # numpy's guess for any file that is not an .npy/.npz archive
+        if reason.startswith("Object arrays cannot be loaded"):
+            reason = "it holds pickled object arrays, which lit_wsss never loads (allow_pickle=False)"
+        elif "allow_pickle" in reason:  # numpy's guess for any file that is not an .npy/.npz archive
             reason = "not an .npz archive (damaged, or not written by lit_wsss)"
         raise ValueError(f"cannot read CAM file {path}: {reason}") from None
 
