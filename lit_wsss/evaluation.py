@@ -428,29 +428,68 @@ def labels_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(result: dict[str, Any], path: Path) -> None:
-    """mIoU vs threshold with the fixed and oracle thresholds marked (Agg canvas, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _font(size: int) -> Any:
+    from PIL import ImageFont
 
-    pairs = sorted((t, m) for t, m in zip(result["thresholds"], result["miou"]) if m is not None)
-    figure = Figure(figsize=(6, 4), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    axes.plot([t for t, _ in pairs], [100 * m for _, m in pairs], marker=".", color="tab:blue", label="sweep")
-    for block, colour, marker in ((result["fixed"], "tab:green", "o"), (result["best"], "tab:red", "*")):
-        if block["miou"] is not None:
-            axes.axvline(block["threshold"], color=colour, linestyle="--", linewidth=0.8)
-            label = f"{block['chosen']}: {block['threshold']:g} -> {percent(block['miou'])} %"
-            axes.plot([block["threshold"]], [100 * block["miou"]], marker=marker, markersize=10, color=colour,
-                      linestyle="none", label=label)
-    axes.set_xlabel("background threshold")
-    axes.set_ylabel("mIoU (%)")
-    axes.set_title(f"CAM mIoU, {result['num_images']} images")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
+    try:
+        return ImageFont.load_default(size=size)  # scalable with FreeType
+    except (TypeError, OSError, ImportError):  # pragma: no cover - PIL without FreeType
+        return ImageFont.load_default()
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """mIoU vs threshold with the fixed and oracle thresholds marked, drawn with PIL (matplotlib's import alone
+    took longer than the whole sweep of 600 images)."""
+    from PIL import Image, ImageDraw
+
+    width, height, left, right, top, bottom = 720, 520, 70, 20, 96, 55  # the legend sits above the plot
+    colours = {"sweep": (31, 119, 180), "fixed": (44, 160, 44), "best": (214, 39, 40), "axis": (60, 60, 60),
+               "grid": (225, 225, 225)}
+    pairs = sorted((t, 100 * m) for t, m in zip(result["thresholds"], result["miou"]) if m is not None)
+    marks = [(result[key], key) for key in ("fixed", "best") if result.get(key) and result[key]["miou"] is not None]
+    xs = [t for t, _ in pairs] + [block["threshold"] for block, _ in marks]
+    ys = [m for _, m in pairs] + [100 * block["miou"] for block, _ in marks]
+    x0, x1 = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    y0, y1 = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pad = 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
+
+    def point(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom))
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    small, normal = _font(12), _font(14)
+    for i in range(6):  # grid and tick labels
+        x, y = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
+        px, py = point(x, y)
+        draw.line([(px, top), (px, height - bottom)], fill=colours["grid"])
+        draw.line([(left, py), (width - right, py)], fill=colours["grid"])
+        draw.text((px, height - bottom + 6), f"{x:.2f}", fill=colours["axis"], font=small, anchor="ma")
+        draw.text((left - 6, py), f"{y:.1f}", fill=colours["axis"], font=small, anchor="rm")
+    draw.rectangle([left, top, width - right, height - bottom], outline=colours["axis"])
+    draw.text((width / 2, height - 18), "background threshold", fill=colours["axis"], font=normal, anchor="mm")
+    draw.text((8, top - 20), "mIoU (%)", fill=colours["axis"], font=normal)
+    draw.text((width / 2, 14), f"CAM mIoU, {result['num_images']} images", fill="black", font=normal, anchor="mm")
+    if len(pairs) > 1:
+        draw.line([point(x, y) for x, y in pairs], fill=colours["sweep"], width=2)
+    for x, y in pairs:
+        px, py = point(x, y)
+        draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colours["sweep"])
+    legend = [("sweep", colours["sweep"])]
+    for block, key in marks:
+        px, py = point(block["threshold"], 100 * block["miou"])
+        for start in range(top, height - bottom, 8):  # dashed vertical line
+            draw.line([(px, start), (px, min(start + 4, height - bottom))], fill=colours[key])
+        draw.ellipse([px - 6, py - 6, px + 6, py + 6], outline=colours[key], width=3)
+        legend.append((f"{block['chosen']}: {block['threshold']:g} -> {percent(block['miou'])} %", colours[key]))
+    for row, (label, colour) in enumerate(legend):
+        y = 36 + 18 * row
+        draw.rectangle([left + 10, y - 4, left + 22, y + 4], fill=colour)
+        draw.text((left + 28, y), label, fill="black", font=small, anchor="lm")
+    image.save(path, format="PNG")
 
 
 def _replace_atomically(path: Path, write: Any) -> None:

@@ -61,7 +61,11 @@ def read_mask(path: Path, image_shape: tuple[int, int], num_classes: int) -> np.
     if mask.shape != image_shape:
         raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
                          f"{image_shape[1]}x{image_shape[0]} (width x height)")
-    bad = np.setdiff1d(np.unique(mask), [*range(num_classes + 1), IGNORE_INDEX])
+    if mask.dtype == np.uint8:  # a histogram is ~10x faster than np.unique at VOC sizes
+        present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    else:
+        present = np.unique(mask)
+    bad = np.setdiff1d(present, [*range(num_classes + 1), IGNORE_INDEX])
     if bad.size:
         raise ValueError(f"mask {path} holds values {bad.tolist()}; expected 0..{num_classes} or {IGNORE_INDEX}")
     return mask
