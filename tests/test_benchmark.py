@@ -116,9 +116,10 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     budget = tmp_path / "budget.yaml"
     budget.write_text(yaml.safe_dump(TINY_BUDGET))
     results, out = tmp_path / "results.md", tmp_path / "run"
-    # cam (two seeds), sipe (its own background: no threshold), gslm (rounds: its last SLM makes the held-out
-    # CAMs) and slams (a pre-stage) cover the wiring; cpn and vwe add none (each runs in test_pipeline.py)
-    methods = ["cam", "sipe", "gslm", "slams"]
+    # cam (two seeds), sipe (its own background: no threshold) and gslm (rounds: its last SLM makes the held-out
+    # CAMs) cover the wiring; cpn and vwe add none, slams' pre-stage runs in test_pipeline.py and its budget
+    # sections are parsed by test_shipped_budgets_parse_into_every_stage (kept out: 40 s of a 10-minute suite)
+    methods = ["cam", "sipe", "gslm"]
     argv = ["--data", "synth", "--root", str(root), "--budget", str(budget), "--results", str(results),
             "--out", str(out), "--methods", ",".join(methods)]
     runs = [(m, s) for m in methods for s in ((0, 1) if m == "cam" else (0,))]
@@ -129,7 +130,7 @@ def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     cams_only_seconds = {run: json.loads((out / run[0] / f"seed{run[1]}" / "benchmark.json").read_text())["seconds"]
                          for run in runs}
     trained = {path: path.stat().st_mtime_ns for path in out.rglob("cam/checkpoints/last.ckpt")}
-    assert len(trained) >= 4
+    assert len(trained) == 3  # cam seeds 0 and 1, sipe (GSLM trains in its round folders)
     # the split: 6 training ids (CAMs, IR labels, IRNet, segmentation), 2 held-out ids (thresholds, final score)
     train_part = (out / "lists" / "train_part.txt").read_text().split()
     eval_part = (out / "lists" / "eval_part.txt").read_text().split()

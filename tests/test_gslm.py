@@ -241,8 +241,8 @@ def test_smoke_glm_then_one_slm_round(shared_data, tmp_path):
     assert foreground_at_bound() > before
 
 
-# The CAM export restores the training checkpoint, whose ModelCheckpoint state names the round's folder.
-@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+# The CAM export restores the training checkpoint, whose ModelCheckpoint state belongs to no callback of predict.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_rounds_driver_exports_once_when_lists_coincide(tmp_path, monkeypatch):
     """With --eval-list = --train-list the CAMs scored after a round are the next round's seed CAMs."""
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
