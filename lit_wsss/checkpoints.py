@@ -262,8 +262,8 @@ def load_initial_state_dict(
 
     Raises:
         MissingWeightsFileError: the file does not exist (a ``FileNotFoundError``).
-        WeightsFileError: (a ``ValueError``) the file is empty, damaged, holds pickled objects or no state dict, an alias is not a copy of its tensor, or the keys do not fit
-            the module (the message names the missing and unexpected keys and how the file was read).
+        WeightsFileError: (a ``ValueError``) the file is empty, damaged, holds pickled objects or no state
+            dict, an alias is not a copy of its tensor, or the keys do not fit the module (the message names the missing and unexpected keys and how the file was read).
     """
     path = Path(path)
     loaded = read_weights_file(path, "init_weights", "a state dict or a Lightning checkpoint")

@@ -69,9 +69,8 @@ from lit_wsss.errors import ReportedError
 from lit_wsss.io import (
     IGNORE_INDEX,
     TMP_SUFFIX,
-    acquire_folder_lock,
+    folder_lock,
     palette_png_bytes,
-    release_folder_lock,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -447,8 +446,7 @@ def make_ir_labels(
     }
 
     # one writer per folder: a second would delete this one's temporary files as leftovers
-    acquire_folder_lock(out_dir, STAGE)
-    try:
+    with folder_lock(out_dir, STAGE):
         manifest_path = out_dir / MANIFEST
         previous_ids: list[str] = []
         if manifest_path.is_file():
@@ -512,8 +510,6 @@ def make_ir_labels(
             "out": str(out_dir),
             "manifest": str(manifest_path),
         }
-    finally:
-        release_folder_lock(out_dir)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
