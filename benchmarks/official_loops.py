@@ -9,8 +9,16 @@ scripts are: one image at a time, in one process, reading the official per-image
   per-class IoU nan-mean. Prints one JSON line ``{"miou": [...]}``.
 * ``ir``: IRN ``step/cam_to_ir_label.py`` (§6.1) on one process: fg/bg planes 0.30 / 0.05, IRN's dense CRF on
   each, combined into ``<id>.png`` (0..C, 255).
+* ``cam``: IRN ``step/make_cam.py`` (§4) on the CPU: ``VOC12ClassificationDatasetMSF`` (PIL bicubic rescale of the
+  uint8 image, ImageNet normalisation, the image stacked with its flip) in a DataLoader with IRN's
+  ``num_workers = cpu_count // 2``; per scale the ``resnet50_cam.CAM`` forward (ReLU, then ``A[0] + flip(A[1])``)
+  over all classes; every class resized to the strided and the 16-padded size and summed; the labelled classes
+  kept and max-normalised; one pickled ``<id>.npy`` dict per image. The network is torchvision's ResNet-50 with
+  IRN's strides (2, 2, 2, 1) and the 1x1 classifier, loaded from a lit_wsss checkpoint (``backbone.*``,
+  ``classifier.weight``): the same weights on both sides.
 
-Only numpy, PIL and pydensecrf are imported: these are not lit_wsss, they are what lit_wsss is measured against.
+Only numpy, PIL, pydensecrf (ir) and torch/torchvision (cam, as IRN) are imported: these are not lit_wsss, they
+are what lit_wsss is measured against.
 """
 
 from __future__ import annotations
@@ -82,23 +90,114 @@ def ir_labels(cams: Path, images: Path, ids: list[str], out: Path, fg: float = 0
         Image.fromarray(label.astype(np.uint8)).save(out / f"{image_id}.png")
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def irn_cam_network(checkpoint: Path, num_classes: int):
+    """IRN's ``resnet50_cam.CAM`` as torchvision layers, with the weights of a lit_wsss ``.ckpt``."""
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    resnet = torchvision.models.resnet50(weights=None)
+    resnet.layer4[0].conv2.stride = (1, 1)  # strides (2, 2, 2, 1): output stride 16
+    resnet.layer4[0].downsample[0].stride = (1, 1)
+    resnet.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")},
+                           strict=False)
+    classifier = state["classifier.weight"]
+    assert classifier.shape[0] == num_classes, classifier.shape
+    stages = torch.nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1,
+                                 resnet.layer2, resnet.layer3, resnet.layer4).eval()
+
+    def cam(pair):
+        x = F.relu(F.conv2d(stages(pair), classifier))
+        return x[0] + x[1].flip(-1)
+
+    return cam
+
+
+class MultiScaleImages:
+    """IRN's ``VOC12ClassificationDatasetMSF``: per scale, the image and its flip, ``(2, 3, h, w)`` float32."""
+
+    def __init__(self, images: Path, ids: list[str], labels: dict, scales: tuple[float, ...]) -> None:
+        self.images, self.ids, self.labels, self.scales = images, ids, labels, scales
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.ids[index]
+        image = np.asarray(Image.open(self.images / f"{name}.jpg").convert("RGB"))
+        height, width = image.shape[:2]
+        pack = []
+        for scale in self.scales:
+            scaled = image if scale == 1.0 else np.asarray(Image.fromarray(image).resize(
+                (int(np.round(width * scale)), int(np.round(height * scale))), resample=Image.BICUBIC))
+            normalised = np.empty_like(scaled, np.float32)
+            for c in range(3):
+                normalised[..., c] = (scaled[..., c] / 255.0 - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+            chw = np.transpose(normalised, (2, 0, 1))
+            pack.append(np.ascontiguousarray(np.stack([chw, np.flip(chw, -1)], axis=0)))
+        # IRN's decode_int_filename: the label dict is keyed by the id's digits as an int
+        return {"name": name, "img": pack, "size": (height, width), "label": self.labels[int(name.replace("_", ""))]}
+
+
+def make_cam(checkpoint: Path, images: Path, ids: list[str], labels: dict, out: Path, num_classes: int,
+             scales: tuple[float, ...]) -> None:
+    import os
+
+    import torch
+    import torch.nn.functional as F
+
+    out.mkdir(parents=True, exist_ok=True)
+    cam = irn_cam_network(checkpoint, num_classes)
+    loader = torch.utils.data.DataLoader(MultiScaleImages(images, ids, labels, scales), shuffle=False,
+                                         num_workers=max(1, (os.cpu_count() or 2) // 2), pin_memory=False)
+    with torch.no_grad():
+        for pack in loader:
+            height, width = int(pack["size"][0][0]), int(pack["size"][1][0])
+            strided_size = (-(-height // 4), -(-width // 4))
+            strided_up_size = (16 * -(-height // 16), 16 * -(-width // 16))
+            outputs = [cam(img[0]) for img in pack["img"]]
+            strided = torch.sum(torch.stack([F.interpolate(o[None], strided_size, mode="bilinear",
+                                                           align_corners=False)[0] for o in outputs]), 0)
+            highres = [F.interpolate(o[:, None], strided_up_size, mode="bilinear", align_corners=False)
+                       for o in outputs]
+            highres = torch.sum(torch.stack(highres, 0), 0)[:, 0, :height, :width]
+            valid_cat = torch.nonzero(pack["label"][0])[:, 0]
+            strided = strided[valid_cat]
+            strided /= F.adaptive_max_pool2d(strided, (1, 1)) + 1e-5
+            highres = highres[valid_cat]
+            highres /= F.adaptive_max_pool2d(highres, (1, 1)) + 1e-5
+            np.save(out / f"{pack['name'][0]}.npy", {"keys": valid_cat, "cam": strided, "high_res": highres.numpy()})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("eval", "ir"))
-    parser.add_argument("--cams", type=Path, required=True)
+    parser.add_argument("stage", choices=("eval", "ir", "cam"))
+    parser.add_argument("--cams", type=Path, help="eval, ir: the official .npy CAM folder")
     parser.add_argument("--root", type=Path, required=True, help="VOC layout: JPEGImages/, SegmentationClass/")
     parser.add_argument("--ids", type=Path, required=True, help="one id per line")
     parser.add_argument("--thresholds", default="", help="eval: comma list")
     parser.add_argument("--num-classes", type=int, default=20)
-    parser.add_argument("--out", type=Path, help="ir: output folder")
+    parser.add_argument("--out", type=Path, help="ir, cam: output folder")
+    parser.add_argument("--checkpoint", type=Path, help="cam: a lit_wsss .ckpt of a ResNet-50 CAM network")
+    parser.add_argument("--scales", default="1.0,0.5,1.5,2.0", help="cam: comma list")
     args = parser.parse_args(argv)
     ids = args.ids.read_text().split()
     if args.stage == "eval":
         thresholds = [float(t) for t in args.thresholds.split(",")]
         print(json.dumps({"miou": eval_cam(args.cams, args.root / "SegmentationClass", ids, thresholds,
                                            args.num_classes)}))
-    else:
+    elif args.stage == "ir":
         ir_labels(args.cams, args.root / "JPEGImages", ids, args.out)
+    else:
+        # IRN's cls_labels.npy: a pickled {id: 20-vector} dict (the one official file lit_wsss reads with pickles)
+        labels = np.load(args.root / "cls_labels.npy", allow_pickle=True).item()
+        labels = {int(k): np.asarray(v, np.float32) for k, v in labels.items()}
+        make_cam(args.checkpoint, args.root / "JPEGImages", ids, labels, args.out, args.num_classes,
+                 tuple(float(s) for s in args.scales.split(",")))
     return 0
 
 

@@ -47,6 +47,12 @@ def main(args: list[str] | None = None) -> None:
     if isinstance(argv, list) and argv and argv[0] in TOOLS:
         module = importlib.import_module(TOOLS[argv[0]][0])
         sys.exit(module.main(argv[1:]))
+    if isinstance(argv, list) and argv[:1] == ["predict"] and os.environ.get("LIT_WSSS_KEEP_FREED_MEMORY") != "0":
+        # a predict process lives for one export: keeping its peak memory costs nothing and saves the page faults
+        # of every scale's activations (lit_wsss.inference; LIT_WSSS_KEEP_FREED_MEMORY=0 keeps glibc's defaults)
+        from lit_wsss.inference import keep_freed_memory
+
+        keep_freed_memory()
     try:
         run_cli(args)
     except Exception as error:  # noqa: BLE001 - only a ReportedError is shortened, the rest is re-raised

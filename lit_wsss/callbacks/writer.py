@@ -37,6 +37,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from lit_wsss.cam_files import CAM_ARRAYS, cam_file_info, cam_path, write_cam_file
 from lit_wsss.errors import FolderInUseError
+from lit_wsss.inference import use_eager_backbone, use_frozen_backbone
 from lit_wsss.io import (TMP_SUFFIX, acquire_folder_lock, palette_png_bytes, release_folder_lock, write_bytes_atomic,
                          write_json_atomic)
 
@@ -53,15 +54,21 @@ class ResumableWriter(BasePredictionWriter):
     Args:
         out_dir: folder of the per-image files, ``manifest.json`` and ``run.json``.
         overwrite: recompute every id (files of an earlier producer are replaced) instead of resuming.
+        frozen_backbone: on the CPU, run the backbone as a frozen, optimised graph while predicting
+            (:func:`lit_wsss.inference.use_frozen_backbone`: the same maps up to rounding, checked on probes
+            first; a backbone that fails the check runs eager). Recorded in ``run.json`` and the manifest as
+            ``backbone_forward``. The experiment's stage files turn it on for CAM exports.
     """
 
     suffix = ".npz"
     stage = "predict"
 
-    def __init__(self, out_dir: str, overwrite: bool = False) -> None:
+    def __init__(self, out_dir: str, overwrite: bool = False, frozen_backbone: bool = False) -> None:
         super().__init__(write_interval="batch")
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
+        self.frozen_backbone = frozen_backbone
+        self._backbone_forward = "eager"
         self._written: dict[str, list[int]] = {}
         self._all_ids: list[str] = []
 
@@ -105,6 +112,8 @@ class ResumableWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The checkpoint is restored after setup(), so the producer is pinned here, before the first write.
+        if self.frozen_backbone and hasattr(pl_module, "backbone"):
+            self._backbone_forward = use_frozen_backbone(pl_module)
         run = self._producer(trainer, pl_module)
         self._check_producer(run)
         trainer.strategy.barrier()
@@ -121,6 +130,7 @@ class ResumableWriter(BasePredictionWriter):
             "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None,
             "hparams": {k: v for k, v in dict(pl_module.hparams).items()},
             "protocol": protocol,
+            "backbone_forward": self._backbone_forward,
         }
 
     def _check_producer(self, run: dict[str, Any]) -> None:
@@ -171,9 +181,11 @@ class ResumableWriter(BasePredictionWriter):
         trainer.strategy.barrier()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        use_eager_backbone(pl_module)
         release_folder_lock(self.out_dir)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        use_eager_backbone(pl_module)
         release_folder_lock(self.out_dir)
 
     def _write_manifest(self, trainer: pl.Trainer) -> None:
