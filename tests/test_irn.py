@@ -60,3 +60,28 @@ def test_boundary_and_pseudo_labels(irn):
     assert record["labels"].shape == (height, width) and record["high_res"].shape == (2, height, width)
     assert record["high_res"].dtype == torch.float16 and record["high_res"].max() <= 1
     assert set(record["labels"].unique().tolist()) <= {0, 2, 4}
+
+
+def test_the_fit_canvas_is_the_image_itself_and_irns_pads_to_512(irn):
+    """``fit``: a 64 x 80 image (multiples of 16) is not padded at all; ``irn``: padded with zeros to 512 x 512."""
+    irn.eval()
+    torch.manual_seed(1)
+    image = torch.randn(3, 64, 80)
+
+    def fused(canvas: torch.Tensor) -> torch.Tensor:  # the flip fusion of §6.5 on a given canvas, by hand
+        with torch.no_grad():
+            edge, _ = irn(torch.stack([canvas, canvas.flip(-1)]))
+        return torch.sigmoid(edge[0, 0] / 2 + edge[1, 0].flip(-1) / 2)[:16, :20]
+
+    irn.hparams.boundary_canvas = "fit"
+    try:
+        fit = irn.boundary(image, 64, 80)
+    finally:
+        irn.hparams.boundary_canvas = "irn"
+    padded = torch.zeros(3, 512, 512)
+    padded[:, :64, :80] = image
+    torch.testing.assert_close(fit, fused(image))
+    torch.testing.assert_close(irn.boundary(image, 64, 80), fused(padded))
+    assert not torch.allclose(fit, fused(padded), atol=1e-3)  # the padding reaches into the image's boundary map
+    with pytest.raises(ValueError, match="boundary_canvas"):
+        IRN(num_classes=4, backbone="resnet18", pretrained=None, boundary_canvas="square")

@@ -29,6 +29,9 @@ from lit_wsss.modules.base import WSSSModule
 from lit_wsss.refine.path_index import PathIndex, affinity_labels
 from lit_wsss.refine.random_walk import random_walk, walk_scores
 
+#: ``boundary_canvas`` -> the smallest canvas side: IRN pads every image to at least 512 (``fit``: none).
+CANVASES = {"irn": 512, "fit": 16}
+
 
 def _branch(in_channels: int, out_channels: int, groups: int, upsample: float = 1) -> nn.Sequential:
     """1x1 conv (no bias) -> GroupNorm -> [bilinear resize] -> ReLU, as every IRNet side layer.
@@ -62,6 +65,10 @@ class IRN(WSSSModule):
         explicit_bg_power: CAMs with their own background (SIPE): every channel, background included, is
             raised to this power before the walk and the labels are a plain argmax, no background plane
             (SIPE ``make_seg_labels.py``: 1.5, sipe.md §5.4, S3). Unused for constant-background CAMs.
+        boundary_canvas: the zero-padded canvas the boundary map is inferred on (:meth:`boundary`): ``irn``
+            (IRN's, at least 512 x 512: every VOC image is padded to 512) or ``fit`` (the image rounded up to a
+            multiple of 16: a 320 x 240 image costs 3.4x less). The boundary near the bottom and right edges
+            depends on the padding, so the labels differ slightly (docs/benchmarks.md, "IRNet canvas").
         **kwargs: :class:`WSSSModule` arguments. Defaults follow §6.4: frozen ResNet-50 (all 5 levels), edge
             parameters at ``lr`` = 0.1, displacement parameters at ``lr * head_lr_mult`` = 1.0, wd 1e-4, poly
             0.9, IRN's momentum quirk.
@@ -77,12 +84,15 @@ class IRN(WSSSModule):
         sem_seg_bg_threshold: float = 0.25,
         walk_method: str = "sparse",
         explicit_bg_power: float = 1.5,
+        boundary_canvas: str = "irn",
         frozen_levels: int = 5,
         **kwargs: Any,
     ) -> None:
         super().__init__(frozen_levels=frozen_levels, **kwargs)
         if walk_method not in ("sparse", "dense"):
             raise ValueError(f"walk_method must be 'sparse' or 'dense', got {walk_method!r}")
+        if boundary_canvas not in CANVASES:
+            raise ValueError(f"boundary_canvas must be one of {list(CANVASES)}, got {boundary_canvas!r}")
         self.path_index = PathIndex(path_radius, crop_size // 4, crop_size // 4)
 
     def configure_heads(self) -> None:
@@ -139,9 +149,13 @@ class IRN(WSSSModule):
 
     @torch.no_grad()
     def boundary(self, image: Tensor, height: int, width: int) -> Tensor:
-        """B = sigmoid(edge(img)/2 + flip(edge(flip img))/2) on a zero-padded canvas, cropped to ceil(H/4) x ceil(W/4)."""
-        canvas_h = max(512, -(-height // 16) * 16)
-        canvas_w = max(512, -(-width // 16) * 16)
+        """B = sigmoid(edge(img)/2 + flip(edge(flip img))/2) on a zero-padded canvas, cropped to ceil(H/4) x ceil(W/4).
+
+        The canvas is ``boundary_canvas``'s: IRN's is at least 512 x 512, ``fit`` the size rounded up to 16.
+        """
+        smallest = CANVASES[self.hparams.boundary_canvas]
+        canvas_h = max(smallest, -(-height // 16) * 16)
+        canvas_w = max(smallest, -(-width // 16) * 16)
         padded = F.pad(image[None, :, :height, :width], (0, canvas_w - width, 0, canvas_h - height))
         edge, _ = self(torch.cat([padded, padded.flip(-1)], dim=0))
         edge = torch.sigmoid(edge[0] / 2 + edge[1].flip(-1) / 2)[0]
@@ -182,6 +196,7 @@ class IRN(WSSSModule):
             "path_radius": hp.path_radius, "infer_radius": hp.infer_radius, "beta": hp.beta,
             "exp_times": hp.exp_times, "walk_steps": 2**hp.exp_times, "sem_seg_bg_threshold": hp.sem_seg_bg_threshold,
             "walk_method": hp.walk_method, "explicit_bg_power": hp.explicit_bg_power,
+            "boundary_canvas": f"{hp.boundary_canvas} (at least {CANVASES[hp.boundary_canvas]} px, multiple of 16)",
             "background": "sem_seg_bg_threshold plane, or argmax with the CAMs' own bg (walked, ^power)",
         }
         return record
