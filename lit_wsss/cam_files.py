@@ -10,6 +10,13 @@
 * ``bg`` (H, W), optional: the own background of methods that predict one (SIPE), scored by an argmax over
   ``[bg, high_res]`` instead of a threshold.
 
+Compact files (issue 18; ``CAMWriter(dtype="float16", store_high_res=False)``, recorded in the manifest's
+``storage``): ``high_res``, ``cam`` and ``bg`` may be float16, and ``high_res`` may be left out. A file without it
+holds ``size`` int64 (2,) = (H, W) and ``high_res_rule`` (a string, shape (1,)), and :func:`read_cam_file` returns
+``high_res`` upsampled from ``cam`` by :func:`high_res_from_cam`. IRNet reads only ``cam`` (protocol.md §6.5), so
+its pseudo labels do not change; eval-cam and ir-labels see the upsampled maps (docs/benchmarks.md, "Compact CAM
+files", for the measured change). Every reader returns float32.
+
 ``<folder>/manifest.json`` (written by the writer's rank 0) lists the ids and may give the producer's fixed
 background threshold as ``bg_threshold`` (a number or null). Every reader here opens files with
 ``allow_pickle=False`` and names the file in its errors.
@@ -31,8 +38,10 @@ from lit_wsss.io import npz_shapes, read_manifest, save_npz_atomic
 #: IRN's ``cam_eval_thres`` (protocol.md §5): the background threshold a CAM file is decoded with unless its
 #: manifest records another (here, not in :mod:`lit_wsss.cams`, so that ``eval-cam`` needs no torch).
 DEFAULT_BG_THRESHOLD = 0.15
-#: The arrays of a CAM file, in the order they are written.
-CAM_ARRAYS = ("keys", "high_res", "cam", "bg")
+#: The arrays of a CAM file, in the order they are written (``size`` and ``high_res_rule``: compact files only).
+CAM_ARRAYS = ("keys", "high_res", "cam", "bg", "size", "high_res_rule")
+#: The dtypes a CAM file may store its maps in.
+CAM_DTYPES = {"float32": np.float32, "float16": np.float16}
 SUFFIX = ".npz"
 
 
@@ -41,30 +50,89 @@ def cam_path(folder: str | Path, image_id: str) -> Path:
     return Path(folder) / f"{image_id}{SUFFIX}"
 
 
-def write_cam_file(path: str | Path, arrays: dict[str, np.ndarray], high_res_dtype: Any = np.float32) -> None:
-    """One CAM file, atomically: ``keys`` as int64, ``high_res`` and ``bg`` as ``high_res_dtype``, ``cam``
-    as float32; arrays not in :data:`CAM_ARRAYS` are refused (a misspelt name would be lost silently)."""
-    unknown = sorted(set(arrays) - set(CAM_ARRAYS))
+def write_cam_file(path: str | Path, arrays: dict[str, np.ndarray], high_res_dtype: Any = np.float32,
+                   cam_dtype: Any = np.float32, high_res_rule: str | None = None) -> None:
+    """One CAM file, atomically: ``keys`` as int64, ``high_res`` and ``bg`` as ``high_res_dtype``, ``cam`` as
+    ``cam_dtype``; arrays not in :data:`CAM_ARRAYS` are refused (a misspelt name would be lost silently).
+
+    ``high_res_rule`` (``padded`` / ``full``) writes a compact file: ``high_res`` is replaced by its size and the
+    rule :func:`high_res_from_cam` upsamples ``cam`` with.
+    """
+    unknown = sorted(set(arrays) - set(CAM_ARRAYS[:4]))
     if unknown or not {"keys", "high_res"} <= set(arrays):
         raise ValueError(f"CAM file {path}: arrays {sorted(arrays)}; expected keys, high_res and optionally "
                          f"cam, bg (unknown: {unknown})")
-    dtypes = {"keys": np.int64, "high_res": high_res_dtype, "cam": np.float32, "bg": high_res_dtype}
-    save_npz_atomic(path, **{name: np.asarray(arrays[name]).astype(dtypes[name], copy=False)
-                             for name in CAM_ARRAYS if name in arrays})
+    dtypes = {"keys": np.int64, "high_res": high_res_dtype, "cam": cam_dtype, "bg": high_res_dtype}
+    out = {name: np.asarray(arrays[name]).astype(dtypes[name], copy=False) for name in CAM_ARRAYS[:4] if name in arrays}
+    if high_res_rule is not None:
+        if high_res_rule not in UPSAMPLE_RULES or "cam" not in out:
+            raise ValueError(f"CAM file {path}: a file without high_res needs cam and a rule in "
+                             f"{list(UPSAMPLE_RULES)}, got rule {high_res_rule!r} and arrays {sorted(arrays)}")
+        out["size"] = np.asarray(out.pop("high_res").shape[1:], np.int64)
+        out["high_res_rule"] = np.asarray(high_res_rule)
+    save_npz_atomic(path, **out)
+
+
+#: How :func:`high_res_from_cam` upsamples a stride-4 ``cam`` to ``H x W``, by the producer's ``high_res_rule``:
+#: ``padded`` as IRN upsamples its stride-4 maps (``make_sem_seg_labels.py``: bilinear x4, then cropped),
+#: ``full`` straight to ``H x W``. Both bilinear with ``align_corners=False`` (torch's half-pixel convention).
+UPSAMPLE_RULES = ("padded", "full")
+
+
+def _bilinear_axis(values: np.ndarray, out_size: int, ratio: float, axis: int) -> np.ndarray:
+    """torch's ``upsample_bilinear2d`` along one axis: source ``(i + 0.5) * ratio - 0.5``, clamped at 0."""
+    in_size = values.shape[axis]
+    source = np.maximum((np.arange(out_size, dtype=np.float32) + 0.5) * np.float32(ratio) - 0.5, 0)
+    low = source.astype(np.int64)
+    high = np.minimum(low + 1, in_size - 1)
+    weight = (source - low).astype(np.float32)
+    shape = [1] * values.ndim
+    shape[axis] = out_size
+    weight = weight.reshape(shape)
+    return np.take(values, low, axis=axis) * (1 - weight) + np.take(values, high, axis=axis) * weight
+
+
+def high_res_from_cam(cam: np.ndarray, size: Sequence[int], rule: str) -> np.ndarray:
+    """``(K, H, W)`` float32 from a stride-4 ``(K, ceil(H/4), ceil(W/4))`` map by ``rule`` (:data:`UPSAMPLE_RULES`),
+    not renormalised (methods differ in their normalisation: GSLM's WAM maps are absolute, cls.md P2).
+
+    Equals ``F.interpolate(cam[None], scale_factor=4 | size=(H, W), mode="bilinear", align_corners=False)`` (cropped
+    for ``padded``) up to float32 rounding, in numpy so that eval-cam needs no torch.
+    """
+    if rule not in UPSAMPLE_RULES:
+        raise ValueError(f"high_res_rule must be one of {list(UPSAMPLE_RULES)}, got {rule!r}")
+    cam = np.asarray(cam, np.float32)
+    height, width = (int(v) for v in size)
+    (rows, cols), out = cam.shape[1:], cam
+    if rule == "padded":  # x4 on the stride-4 grid, then the image's own extent
+        out = _bilinear_axis(_bilinear_axis(out, 4 * rows, 0.25, 1), 4 * cols, 0.25, 2)
+        return np.ascontiguousarray(out[:, :height, :width])
+    out = _bilinear_axis(_bilinear_axis(out, height, rows / height, 1), width, cols / width, 2)
+    return np.ascontiguousarray(out)
 
 
 def read_cam_file(path: str | Path, arrays: Sequence[str] = ("keys", "high_res", "bg")) -> dict[str, np.ndarray]:
     """The named arrays of one CAM file (``bg`` only where the file has it; the others are required).
 
-    A missing, truncated or pickled file, or one without a required array, is a ``ValueError`` naming the file.
+    A compact file's ``high_res`` is upsampled from its ``cam`` (:func:`high_res_from_cam`); float16 maps are
+    returned as float32. A missing, truncated or pickled file, or one without a required array, is a
+    ``ValueError`` naming the file.
     """
     try:
         # our own handle: np.load leaks the one it opens when the archive is truncated
         with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
-            missing = [name for name in arrays if name != "bg" and name not in data.files]
+            # a compact file (it has ``size``) derives high_res; any other file without it is just incomplete
+            derived = "high_res" in arrays and "high_res" not in data.files and "size" in data.files
+            needed = {*arrays, "cam", "size", "high_res_rule"} - {"high_res"} if derived else set(arrays)
+            missing = sorted(name for name in needed if name != "bg" and name not in data.files)
             if missing:
                 raise ValueError(f"missing array(s) {missing}; has {sorted(data.files)}")
-            return {name: data[name] for name in arrays if name in data.files}
+            read = {name: data[name] for name in needed if name in data.files}
+        if derived:
+            rule = str(read["high_res_rule"].reshape(-1)[0])  # written 1-d: np.ascontiguousarray is at least 1-d
+            read["high_res"] = high_res_from_cam(read["cam"], read["size"], rule)
+        return {name: value.astype(np.float32) if value.dtype == np.float16 else value
+                for name, value in read.items() if name in arrays}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
         reason = str(error)
         if reason.startswith("Object arrays cannot be loaded"):
@@ -81,9 +149,14 @@ def load_cam_file(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray 
 
 
 def cam_file_info(path: str | Path) -> dict[str, Any]:
-    """The manifest entry of one CAM file, from the array headers only: class count and image size."""
+    """The manifest entry of one CAM file, from the array headers (and a compact file's ``size``): class count
+    and image size."""
     shapes = npz_shapes(path)
-    return {"num_classes": shapes["keys"][0], "size": list(shapes["high_res"][1:])}
+    if "high_res" in shapes:
+        size = list(shapes["high_res"][1:])
+    else:
+        size = [int(v) for v in read_cam_file(path, ("size",))["size"]]
+    return {"num_classes": shapes["keys"][0], "size": size}
 
 
 def read_cam_manifest(folder: str | Path, required: bool = False) -> dict[str, Any]:

@@ -30,8 +30,11 @@ def test_round_trip_dtypes_and_byte_reproducible(tmp_path):
     assert bg is None and got_keys.tolist() == [3, 7] and got_high_res.shape == (2, 5, 6)
     # the walked scores beside pseudo labels: float16, with an own background
     write_cam_file(path, {"keys": keys, "high_res": high_res, "bg": high_res[0]}, high_res_dtype=np.float16)
-    _, half, bg = load_cam_file(path)
-    assert half.dtype == np.float16 and bg.dtype == np.float16 and bg.shape == (5, 6)
+    with np.load(path, allow_pickle=False) as stored:
+        assert stored["high_res"].dtype == np.float16 and stored["bg"].dtype == np.float16
+    _, half, bg = load_cam_file(path)  # readers hand out float32 (exactly the stored float16 values)
+    assert half.dtype == np.float32 and bg.dtype == np.float32 and bg.shape == (5, 6)
+    np.testing.assert_array_equal(half, high_res.astype(np.float16).astype(np.float32))
 
 
 def test_bad_cam_files_name_the_file(tmp_path):

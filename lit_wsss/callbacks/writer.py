@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from lit_wsss.cam_files import CAM_ARRAYS, cam_file_info, cam_path, write_cam_file
+from lit_wsss.cam_files import CAM_ARRAYS, CAM_DTYPES, cam_file_info, cam_path, write_cam_file
 from lit_wsss.errors import FolderInUseError
 from lit_wsss.inference import use_eager_backbone, use_frozen_backbone
 from lit_wsss.io import (TMP_SUFFIX, acquire_folder_lock, palette_png_bytes, release_folder_lock, write_bytes_atomic,
@@ -220,14 +220,41 @@ class ResumableWriter(BasePredictionWriter):
 
 
 class CAMWriter(ResumableWriter):
-    """``<id>.npz`` CAM files (module docstring) from a CAM method's ``predict_step``."""
+    """``<id>.npz`` CAM files (module docstring) from a CAM method's ``predict_step``.
+
+    Args:
+        dtype: ``float32`` (default, IRN's precision) or ``float16`` for ``high_res``, ``cam`` and ``bg``.
+        store_high_res: ``False`` writes compact files without ``high_res``: readers upsample ``cam`` by the
+            method's ``high_res_rule`` (:func:`lit_wsss.cam_files.high_res_from_cam`). IRNet reads only ``cam``;
+            eval-cam and ir-labels see the upsampled maps (docs/benchmarks.md, "Compact CAM files").
+        out_dir, overwrite, frozen_backbone: :class:`ResumableWriter`.
+    """
 
     suffix = ".npz"
     stage = "cams"
 
+    def __init__(self, out_dir: str, overwrite: bool = False, frozen_backbone: bool = False, dtype: str = "float32",
+                 store_high_res: bool = True) -> None:
+        super().__init__(out_dir, overwrite=overwrite, frozen_backbone=frozen_backbone)
+        if dtype not in CAM_DTYPES:
+            raise ValueError(f"CAMWriter dtype must be one of {list(CAM_DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
+        self.store_high_res = store_high_res
+        self._high_res_rule: str | None = None
+
+    def _producer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        run = super()._producer(trainer, pl_module)
+        self._high_res_rule = run.get("protocol", {}).get("cam", {}).get("high_res_rule", "padded")
+        run["storage"] = {"dtype": self.dtype, "high_res": "stored" if self.store_high_res
+                          else f"upsampled from cam by the reader ({self._high_res_rule})"}
+        return run
+
     def write_record(self, record: dict[str, Any]) -> None:
+        dtype = CAM_DTYPES[self.dtype]
         write_cam_file(cam_path(self.out_dir, record["image_id"]),
-                       {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record})
+                       {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record},
+                       high_res_dtype=dtype, cam_dtype=dtype,
+                       high_res_rule=None if self.store_high_res else self._high_res_rule)
 
     def image_info(self, image_id: str) -> dict[str, Any]:
         return cam_file_info(cam_path(self.out_dir, image_id))
