@@ -73,9 +73,11 @@ def write_cam_file(path: str | Path, arrays: dict[str, np.ndarray], high_res_dty
     save_npz_atomic(path, **out)
 
 
-#: How :func:`high_res_from_cam` upsamples a stride-4 ``cam`` to ``H x W``, by the producer's ``high_res_rule``:
-#: ``padded`` as IRN upsamples its stride-4 maps (``make_sem_seg_labels.py``: bilinear x4, then cropped),
-#: ``full`` straight to ``H x W``. Both bilinear with ``align_corners=False`` (torch's half-pixel convention).
+#: How :func:`high_res_from_cam` upsamples a stride-4 ``cam`` to ``H x W``, by the producer's ``high_res_rule``, as
+#: the producer sized ``high_res`` from the same network maps (protocol.md §4): ``padded`` to the 16-multiple canvas,
+#: then cropped; ``full`` straight to ``H x W``. Bilinear, ``align_corners=False`` (torch's half-pixel convention).
+#: (A plain x4 of ``cam``, as IRN upsamples its walked maps, is misaligned with that canvas: 10x the error on real
+#: CAMs, measured by a helper on voc12-mini: mean |difference| 0.024 against 0.0023.)
 UPSAMPLE_RULES = ("padded", "full")
 
 
@@ -96,19 +98,17 @@ def high_res_from_cam(cam: np.ndarray, size: Sequence[int], rule: str) -> np.nda
     """``(K, H, W)`` float32 from a stride-4 ``(K, ceil(H/4), ceil(W/4))`` map by ``rule`` (:data:`UPSAMPLE_RULES`),
     not renormalised (methods differ in their normalisation: GSLM's WAM maps are absolute, cls.md P2).
 
-    Equals ``F.interpolate(cam[None], scale_factor=4 | size=(H, W), mode="bilinear", align_corners=False)`` (cropped
-    for ``padded``) up to float32 rounding, in numpy so that eval-cam needs no torch.
+    Equals ``F.interpolate(cam[None], size, mode="bilinear", align_corners=False)`` (``size`` the padded canvas,
+    then cropped, for ``padded``) up to float32 rounding, in numpy so that eval-cam needs no torch.
     """
     if rule not in UPSAMPLE_RULES:
         raise ValueError(f"high_res_rule must be one of {list(UPSAMPLE_RULES)}, got {rule!r}")
     cam = np.asarray(cam, np.float32)
     height, width = (int(v) for v in size)
-    (rows, cols), out = cam.shape[1:], cam
-    if rule == "padded":  # x4 on the stride-4 grid, then the image's own extent
-        out = _bilinear_axis(_bilinear_axis(out, 4 * rows, 0.25, 1), 4 * cols, 0.25, 2)
-        return np.ascontiguousarray(out[:, :height, :width])
-    out = _bilinear_axis(_bilinear_axis(out, height, rows / height, 1), width, cols / width, 2)
-    return np.ascontiguousarray(out)
+    rows, cols = cam.shape[1:]
+    out_h, out_w = (16 * -(-height // 16), 16 * -(-width // 16)) if rule == "padded" else (height, width)
+    out = _bilinear_axis(_bilinear_axis(cam, out_h, rows / out_h, 1), out_w, cols / out_w, 2)
+    return np.ascontiguousarray(out[:, :height, :width])
 
 
 def read_cam_file(path: str | Path, arrays: Sequence[str] = ("keys", "high_res", "bg")) -> dict[str, np.ndarray]:

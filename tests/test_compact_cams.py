@@ -26,10 +26,8 @@ THRESHOLDS = [0.05, 0.15, 0.3]
 def test_the_upsampling_is_torchs_bilinear_rule(rule, size):
     cam = np.random.default_rng(0).random((2, -(-size[0] // 4), -(-size[1] // 4)), dtype=np.float32)
     tensor = torch.from_numpy(cam)[None]
-    if rule == "padded":
-        expected = F.interpolate(tensor, scale_factor=4, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
-    else:
-        expected = F.interpolate(tensor, size, mode="bilinear", align_corners=False)[0]
+    canvas = (16 * -(-size[0] // 16), 16 * -(-size[1] // 16)) if rule == "padded" else size
+    expected = F.interpolate(tensor, canvas, mode="bilinear", align_corners=False)[0, :, :size[0], :size[1]]
     got = high_res_from_cam(cam, size, rule)
     assert got.shape == (2, *size) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=2e-6)
@@ -105,7 +103,8 @@ def test_eval_cam_and_ir_labels_read_compact_files_as_upsampled_cams(exports, tm
     for image_id in ids:
         stored = read_cam_file(cam_path(folders["float32"], image_id), ("keys", "high_res", "cam"))
         height, width = stored["high_res"].shape[1:]
-        upsampled = F.interpolate(torch.from_numpy(stored["cam"])[None], scale_factor=4, mode="bilinear",
+        canvas = (16 * -(-height // 16), 16 * -(-width // 16))  # the synthetic exports use the padded rule
+        upsampled = F.interpolate(torch.from_numpy(stored["cam"])[None], canvas, mode="bilinear",
                                   align_corners=False)[0, :, :height, :width]
         write_cam_file(cam_path(reference, image_id), {"keys": stored["keys"], "cam": stored["cam"],
                                                        "high_res": upsampled.numpy()})

@@ -309,5 +309,6 @@ class SegmentationWriter(ResumableWriter):
 def _to_numpy(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu()
-        return value.numpy().astype(np.float32) if value.is_floating_point() else value.numpy()
+        # float() first: numpy has no bfloat16 (precision bf16-mixed), and files store float32 / float16
+        return value.float().numpy() if value.is_floating_point() else value.numpy()
     return np.asarray(value)
