@@ -92,9 +92,12 @@ def test_killed_dump_resumes_to_byte_identical_files(tmp_path, capfd, monkeypatc
     assert result["num_images"] == 24 and len(result["thresholds"]) == 21
 
 
-def make_datamodule(root):
-    return SyntheticVOCDataModule(root=str(root), num_classes=3, num_train=4, num_val=5, image_size=(64, 80),
-                                  context_class=0, generator_seed=2, num_workers=0)
+def make_datamodule(root, **overrides):
+    """A 4 + 5 image synthetic set of 64 x 80 images (also used by test_precision.py); ``overrides`` go to the
+    DataModule (batch size, crop)."""
+    return SyntheticVOCDataModule(**{"root": str(root), "num_classes": 3, "num_train": 4, "num_val": 5,
+                                     "image_size": (64, 80), "context_class": 0, "generator_seed": 2,
+                                     "num_workers": 0, **overrides})
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")

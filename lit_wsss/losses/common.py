@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
+
+from lit_wsss.precision import float32
+
+
+@float32
+def multilabel_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """IRN's classification loss (``step/train_cam.py``): multi-label soft margin, mean over batch and classes,
+    in float32 under mixed precision (:mod:`lit_wsss.precision`)."""
+    return F.multilabel_soft_margin_loss(logits, labels)
 
 
 def as_matrix(weight: Tensor, name: str) -> Tensor:

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_wsss.precision import float32
 
 #: CPN's constant in the CAM normalisations, the PCM L2 norm and the affinity normalisation (cpn.md §8).
 CPN_EPS = 1e-5
@@ -468,6 +469,7 @@ def cpcr_loss(c_hat: Sequence[Tensor], r_hat: Sequence[Tensor], ohem_ratio: floa
     return _ohem_mean(e1, ohem_ratio) + _ohem_mean(e2, ohem_ratio)
 
 
+@float32
 def cpn_losses(
     cams: Sequence[Tensor],
     refined: Sequence[Tensor],

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_wsss.io import IGNORE_INDEX
+from lit_wsss.precision import float32
 
 #: Activation bound tau of the SLM: ReLU6 cap, regression target on seeds, WAM-mixin divisor (cls.md §5).
 TAU = 6.0
@@ -244,6 +245,7 @@ def seg_loss(
     return total
 
 
+@float32
 def slm_losses(
     logits: Tensor,
     cam_logits: Tensor,

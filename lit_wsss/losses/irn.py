@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_wsss.precision import float32
 from lit_wsss.refine.path_index import PathIndex, edge_to_affinity
 
 #: IRN's constant inside the logs and in the denominators.
@@ -96,6 +97,7 @@ def displacement_losses(
     }
 
 
+@float32
 def irn_loss(
     edge_logits: Tensor, displacement: Tensor, labels: dict[str, Tensor], index: PathIndex
 ) -> dict[str, Tensor]:

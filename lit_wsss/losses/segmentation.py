@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_wsss.io import IGNORE_INDEX
+from lit_wsss.precision import float32
 
 LOSS_RESOLUTIONS = ("logits", "input")
 
 
+@float32
 def segmentation_loss(logits: Tensor, labels: Tensor, resolution: str = "logits") -> Tensor:
     """Mean cross-entropy of ``logits`` ``(B, C+1, h, w)`` on ``labels`` ``(B, H, W)`` (int64, 255 ignored).
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lit_wsss.precision import float32
+
 #: SIPE's constant in every L2 norm and max normaliser (sipe.md §6).
 SIPE_EPS = 1e-5
 #: Factor applied to the background soft IoU before the seed argmax (sipe.md §2, §8 S3).
@@ -225,6 +227,7 @@ def is_cam(features: Tensor, prototypes: Tensor) -> Tensor:
     return F.relu(torch.bmm(p, f)).reshape(b, protos.shape[1], h, w)
 
 
+@float32
 def gsc_loss(mh: Tensor, is_cam: Tensor) -> Tensor:
     """General-Specific Consistency loss (sipe.md §3).
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_wsss.losses.common import as_matrix
+from lit_wsss.precision import float32
 
 #: Codebook size (vwe.md §5; ``Net(k_words=256)``).
 NUM_WORDS = 256
@@ -367,6 +368,7 @@ def memory_bank_step(
 # ----------------------------------------------------------------------------------------------------
 
 
+@float32
 def vwe_losses(
     outputs: Mapping[str, Tensor],
     labels: Tensor,

@@ -22,6 +22,7 @@ from lit_wsss.cams import (
     cams_to_mask,
     multiscale_cams,
 )
+from lit_wsss.losses.common import multilabel_loss
 from lit_wsss.metrics import ThresholdSweep
 from lit_wsss.scores import sweep_summary
 
@@ -107,7 +108,7 @@ class CAMHeadMixin:
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Multi-label soft-margin loss (mean over batch and classes), IRN ``step/train_cam.py``."""
-        return {"cls": F.multilabel_soft_margin_loss(self(batch["image"]), batch["labels"])}
+        return {"cls": multilabel_loss(self(batch["image"]), batch["labels"])}
 
     @torch.no_grad()
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:

@@ -158,6 +158,7 @@ class IRN(WSSSModule):
         canvas_w = max(smallest, -(-width // 16) * 16)
         padded = F.pad(image[None, :, :height, :width], (0, canvas_w - width, 0, canvas_h - height))
         edge, _ = self(torch.cat([padded, padded.flip(-1)], dim=0))
+        edge = edge.float()  # bf16-mixed: B, and the CAMs cast to it below, stay float32 (lit_wsss.precision)
         edge = torch.sigmoid(edge[0] / 2 + edge[1].flip(-1) / 2)[0]
         return edge[: -(-height // 4), : -(-width // 4)]
 

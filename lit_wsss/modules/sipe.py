@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lit_wsss.cams import CAMRecord, sum_over_scales
+from lit_wsss.losses.common import multilabel_loss
 from lit_wsss.losses.sipe import (
     SIPE_EPS,
     general_cam_with_background,
@@ -103,7 +104,7 @@ class SIPE(CAMHeadMixin, WSSSModule):
         specific = is_cam(features, prototypes(seeds, features))
         # GAP(classifier(x4)) == classifier(GAP(x4)): the classifier is linear without bias
         score = cam.mean(dim=(2, 3))
-        return {"cls": F.multilabel_soft_margin_loss(score, labels), "gsc": gsc_loss(mh, specific)}
+        return {"cls": multilabel_loss(score, labels), "gsc": gsc_loss(mh, specific)}
 
     @torch.no_grad()
     def infer_cams(self, image: Tensor, labels: Tensor) -> CAMRecord:

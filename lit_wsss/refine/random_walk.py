@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lit_wsss.cams import cams_to_mask
+from lit_wsss.precision import float32
 from lit_wsss.refine.path_index import PathIndex, edge_to_affinity
 
 #: IRN defaults (protocol.md §8): inference radius, beta, exp_times (2^8 = 256 steps), bg threshold.
@@ -119,6 +120,7 @@ def transition_matrix(
     return torch.sparse_coo_tensor(indices, values, (n, n), check_invariants=False).coalesce()
 
 
+@float32
 def random_walk(
     cams: Tensor,
     boundary: Tensor,
@@ -136,7 +138,8 @@ def random_walk(
         beta, exp_times, radius: IRN's parameters (10, 8 -> 256 steps, 5).
         method: ``"sparse"`` (default; ``2^exp_times`` sparse products, memory linear in ``N``) or
             ``"dense"`` (IRN's repeated squaring of the dense ``N x N`` matrix; only for small maps).
-        dtype: computation dtype (float32 as IRN).
+        dtype: computation dtype (float32 as IRN), also under ``bf16-mixed``: autocast is off here
+            (:mod:`lit_wsss.precision`).
 
     Returns:
         ``(K, h, w)`` walked maps (not normalised), on the device of ``boundary``.
