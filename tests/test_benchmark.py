@@ -110,6 +110,33 @@ def test_every_method_gets_the_same_budget():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+def test_small_benchmark_cams_only_chooses_the_threshold_on_the_held_out_part(tmp_path, monkeypatch, capsys):
+    """The default suite's share of the benchmark (the whole chain is test_small_benchmark_end_to_end, slow):
+    one baseline run, CAMs only. The threshold is the best of the sweep on the 2 held-out ids and is then
+    scored on the 6 training ids."""
+    monkeypatch.setattr(sys, "argv", ["lit-wsss"])
+    root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
+    budget = tmp_path / "budget.yaml"
+    budget.write_text(yaml.safe_dump({**TINY_BUDGET, "ground_truth": False, "cam": {"seeds": [0]}}))
+    results, out = tmp_path / "results.md", tmp_path / "run"
+    assert main(["--data", "synth", "--root", str(root), "--budget", str(budget), "--results", str(results),
+                 "--out", str(out), "--methods", "cam", "--cams-only"]) == 0
+    assert not list(out.glob("*/*/irn")) and results.read_text().count("- (not run: --cams-only)") == 1
+    train_part = (out / "lists" / "train_part.txt").read_text().split()
+    eval_part = (out / "lists" / "eval_part.txt").read_text().split()
+    assert len(train_part) == 6 and len(eval_part) == 2 and not set(train_part) & set(eval_part)
+    folder = out / "cam" / "seed0"
+    cams = json.loads((folder / "eval_cams.json").read_text())
+    chosen = json.loads((folder / "eval_cams_threshold_list.json").read_text())
+    held = json.loads((folder / "eval_cams_held_out.json").read_text())
+    assert cams["num_images"] == 6 and chosen["num_images"] == 2
+    assert cams["thresholds"][-1] == pytest.approx(1.2)  # the budget's sweep
+    assert held["threshold"] == chosen["best"]["threshold"]
+    assert held["miou"] == cams["miou"][cams["thresholds"].index(held["threshold"])]
+
+
+@pytest.mark.slow  # about 4.5 minutes on 2 cores (5 pipeline runs of subprocesses); `make test-all` runs it
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_small_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)

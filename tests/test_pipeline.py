@@ -17,9 +17,11 @@ TINY_SEGMENTATION = ("--model.init_args.backbone=resnet18 --model.init_args.pret
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 # cam, sipe (its own background), slams (a pre-stage) and gslm (rounds) cover the wiring; cpn and vwe add none.
-# gslm is slow-marked: test_benchmark.py::test_small_benchmark_end_to_end runs its rounds through this pipeline.
-@pytest.mark.parametrize("method", ["cam", "sipe", "slams",
-                                    *(pytest.param(m, marks=pytest.mark.slow) for m in ("gslm", "cpn", "vwe"))])
+# slams and gslm are slow-marked for time (test_slams.py::test_cli_two_stages runs slams' pre-stage and
+# test_gslm.py::test_rounds_driver the rounds; `make test-all` runs every case).
+@pytest.mark.parametrize("method", ["cam", "sipe",
+                                    *(pytest.param(m, marks=pytest.mark.slow) for m in ("slams", "gslm", "cpn",
+                                                                                       "vwe"))])
 def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["lit-wsss"])
     root = generate_synthetic_voc(tmp_path / "synthetic", num_train=8, num_val=4, seed=7)
