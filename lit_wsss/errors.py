@@ -40,6 +40,10 @@ class FolderInUseError(ReportedError, RuntimeError):
     """An output folder another live process is writing (``lit_wsss.io.acquire_folder_lock``)."""
 
 
+class OutputFolderError(ReportedError, RuntimeError):
+    """An output folder that holds results of other parameters, or a stage writing into it that failed."""
+
+
 class NonFiniteError(ReportedError, FloatingPointError):
     """A training loss, or weights about to be saved, that hold nan or inf (``WSSSModule``)."""
 

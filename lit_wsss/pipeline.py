@@ -2,7 +2,7 @@
 
 [train encoder ->] train CAM -> CAMs -> eval CAMs -> IR labels -> train IRNet -> pseudo labels -> eval pseudo labels
 -> train segmentation -> segment -> eval segmentation (``--cams-only`` stops after eval CAMs,
-``--no-segmentation`` after eval pseudo labels).
+``--no-segmentation`` after eval pseudo labels; ``--stream-ir-labels`` makes the IR labels during the CAM export).
 
 ``--list`` is the TRAINING list: its CAMs, IR labels and pseudo labels are scored against its masks (the WSSS
 measure of pseudo-label quality), and the segmentation network (``experiments/<data>/deeplab.yaml``) trains on
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ir-args", default="",
                         help="extra ir-labels arguments, e.g. '--fg 0.5 --bg 0.2' (the background convention is "
                              "read from the CAM manifest)")
+    parser.add_argument("--stream-ir-labels", action="store_true",
+                        help="make the IR labels while the CAMs are exported (CAMWriter ir_labels: the CRF in "
+                             "--workers processes beside the network); the IR-label stage then finds them done")
     parser.add_argument("--thresholds", default=None,
                         help="background thresholds swept by both evaluations, start:stop:step (eval-cam's default)")
     parser.add_argument("--gslm-rounds", type=int, default=None, help="GSLM: SLM rounds (default: the driver's 3)")
@@ -171,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         ir_options = refinement_options(shlex.split(args.ir_args))
     except ValueError as error:
         parser.error(f"--ir-args: {error}")
+    if args.stream_ir_labels and args.method == "gslm":
+        parser.error("--stream-ir-labels: GSLM's CAMs come from its rounds (lit-wsss gslm), not from one export")
+    # the IR-label options as CAMWriter(ir_labels=...) takes them (the convention, unless given, is the method's)
+    stream_options = {"out_dir": str(out / "ir_labels"), "workers": args.workers,
+                      **{name: value for name, value in ir_options.items() if value is not None}}
     irn_args = configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
     cams, ir_label_dir, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
     rounds = 0  # GSLM's SLM rounds
@@ -245,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stage("train CAM", lambda: checkpoints.update(cam=fit(cam_args, out / "cam")),
               lambda: {"checkpoint": str(checkpoints["cam"])})
-        stage("CAMs", lambda: export_cams(cam_args, checkpoints["cam"], args.list, cams),
+        stream = ([f"--trainer.callbacks.init_args.ir_labels={json.dumps(stream_options)}"]
+                  if args.stream_ir_labels else [])
+        stage("CAMs", lambda: export_cams(cam_args, checkpoints["cam"], args.list, cams, stream),
               lambda: {"files": len(list(cams.glob("*.npz")))})
     stage("eval CAMs", lambda: scored(cams, out / "eval_cams.json"), lambda: miou(out / "eval_cams.json"))
     if args.threshold_list:

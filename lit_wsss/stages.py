@@ -83,11 +83,12 @@ def predict(args: Sequence[str], out_dir: Path) -> None:
              f"--trainer.default_root_dir={out_dir}"])
 
 
-def export_cams(model_args: Sequence[str], checkpoint: Path, ids: str, folder: Path) -> None:
+def export_cams(model_args: Sequence[str], checkpoint: Path, ids: str, folder: Path,
+                writer_args: Sequence[str] = ()) -> None:
     """CAM files of the ids ``ids`` from ``checkpoint`` into ``folder`` (``experiments/stages/predict_cams.yaml``;
-    a rerun resumes)."""
+    a rerun resumes); ``writer_args`` set the stage config's CAMWriter (``--trainer.callbacks.init_args.*``)."""
     predict([*model_args, "--config", str(EXPERIMENTS / "stages" / "predict_cams.yaml"),
-             f"--data.init_args.predict_list={ids}", f"--ckpt_path={checkpoint}"], folder)
+             f"--data.init_args.predict_list={ids}", f"--ckpt_path={checkpoint}", *writer_args], folder)
 
 
 def segment(model_args: Sequence[str], checkpoint: Path, ids: str, folder: Path) -> None:

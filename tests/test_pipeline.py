@@ -42,6 +42,8 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
         # GSLM: one SLM round after the GLM, its pooling head sized for the 4 x 4 maps of 64-px crops
         "--gslm-rounds", "1", "--slm-args", "--model.init_args.pool_size=4 ",
         "--seg-args", f"{data} {TINY_DATA} {TINY_SEGMENTATION}",
+        # SIPE's IR labels are streamed from its CAM export (its own background through CAMWriter(ir_labels))
+        *(["--stream-ir-labels"] if method == "sipe" else []),
     ])
     assert code == 0
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline |")]
@@ -72,6 +74,12 @@ def test_pipeline_runs_every_stage(method, tmp_path, monkeypatch, capsys):
     # the background convention travels from the CAM manifest: SIPE's own bg through IR labels and the walk
     explicit = method == "sipe"
     assert ir_manifest["convention"] == ("explicit" if explicit else "constant")
+    # streamed (sipe): the CAM export wrote every IR label, the IR-label stage found them finished
+    streamed = method == "sipe"
+    assert ir_manifest["written_this_run"] == (0 if streamed else 8)
+    if method != "gslm":  # GSLM's CAMs are its last round's
+        cams_manifest = json.loads((run / "cams" / "manifest.json").read_text())
+        assert cams_manifest.get("ir_labels") == (str(run / "ir_labels") if streamed else None)
     pseudo = json.loads((run / "eval_pseudo_labels.json").read_text())
     assert pseudo["mode"] == ("bg_argmax" if explicit else "sweep")
 

@@ -5,7 +5,8 @@
 labels (``experiments/stages/pseudo_labels.yaml``), ``SegmentationWriter`` the segmentation network's label
 maps (``experiments/stages/segment.yaml``).
 
-CAM files: ``<id>.npz`` in the format of :mod:`lit_wsss.cam_files` (its writer and readers live there). Pseudo
+CAM files: ``<id>.npz`` in the format of :mod:`lit_wsss.cam_files` (its writer and readers live there);
+``CAMWriter(ir_labels={...})`` also streams each image's IR labels (IRN's CRF step) into their own folder. Pseudo
 labels: ``<id>.png`` (palette PNG, 0..C, 255) and ``<id>.npz``, a CAM file without ``cam`` whose ``high_res``
 (float16) holds the walked scores normalised by their global max, so ``lit-wsss eval-cam`` sweeps the background
 threshold without walking again.
@@ -36,10 +37,11 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from lit_wsss.cam_files import CAM_ARRAYS, CAM_DTYPES, cam_file_info, cam_path, write_cam_file
-from lit_wsss.errors import FolderInUseError
+from lit_wsss.errors import FolderInUseError, OutputFolderError
 from lit_wsss.inference import use_eager_backbone, use_frozen_backbone
 from lit_wsss.io import (TMP_SUFFIX, acquire_folder_lock, palette_png_bytes, release_folder_lock, write_bytes_atomic,
                          write_json_atomic)
+from lit_wsss.refine.ir_labels import IRLabelStream
 
 MANIFEST = "manifest.json"
 RUN_FILE = "run.json"
@@ -98,7 +100,7 @@ class ResumableWriter(BasePredictionWriter):
                 leftover.unlink()
         trainer.strategy.barrier()
         # Every rank lists the finished files before any rank writes a new one.
-        done = set() if self.overwrite else {p.stem for p in self.out_dir.glob(f"*{self.suffix}")}
+        done = set() if self.overwrite else self.finished_ids()
         trainer.strategy.barrier()
         todo = [image_id for image_id in self._all_ids if image_id not in done]
         if len(self._all_ids) < trainer.world_size:
@@ -109,6 +111,10 @@ class ResumableWriter(BasePredictionWriter):
             todo += [image_id for image_id in self._all_ids if image_id in done][: trainer.world_size - len(todo)]
         datamodule.predict_dataset = dataset.select(set(todo))
         self._written = {}
+
+    def finished_ids(self) -> set[str]:
+        """The ids a rerun skips: those whose ``suffix`` file exists."""
+        return {p.stem for p in self.out_dir.glob(f"*{self.suffix}")}
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The checkpoint is restored after setup(), so the producer is pinned here, before the first write.
@@ -227,6 +233,12 @@ class CAMWriter(ResumableWriter):
         store_high_res: ``False`` writes compact files without ``high_res``: readers upsample ``cam`` by the
             method's ``high_res_rule`` (:func:`lit_wsss.cam_files.high_res_from_cam`). IRNet reads only ``cam``;
             eval-cam and ir-labels see the upsampled maps (docs/benchmarks.md, "Compact CAM files").
+        ir_labels: IR labels streamed from the export (issue 18), e.g. ``{out_dir: outputs/ir_labels, workers: 2}``
+            plus any of ``fg``, ``bg``, ``convention`` (default: the method's), ``bg_factor``,
+            ``crf_gaussian_compat``, ``max_pending`` (:class:`lit_wsss.refine.ir_labels.IRLabelStream`): each
+            image's CRF runs in worker processes on the maps in memory while the network exports the next
+            image; the folder equals what ``lit-wsss ir-labels`` makes from the finished CAM folder, manifest
+            included. An id counts as finished when both its CAM file and its PNG exist.
         out_dir, overwrite, frozen_backbone: :class:`ResumableWriter`.
     """
 
@@ -234,13 +246,48 @@ class CAMWriter(ResumableWriter):
     stage = "cams"
 
     def __init__(self, out_dir: str, overwrite: bool = False, frozen_backbone: bool = False, dtype: str = "float32",
-                 store_high_res: bool = True) -> None:
+                 store_high_res: bool = True, ir_labels: dict[str, Any] | None = None) -> None:
         super().__init__(out_dir, overwrite=overwrite, frozen_backbone=frozen_backbone)
         if dtype not in CAM_DTYPES:
             raise ValueError(f"CAMWriter dtype must be one of {list(CAM_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         self.store_high_res = store_high_res
+        self.ir_labels = dict(ir_labels) if ir_labels is not None else None
         self._high_res_rule: str | None = None
+        self._stream: IRLabelStream | None = None
+        self._image_paths: dict[str, Path] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "predict" and self.ir_labels is not None:
+            self._stream = IRLabelStream.from_options(
+                self.ir_labels, getattr(pl_module, "background_convention", "constant"))
+            dataset = getattr(trainer.datamodule, "predict_dataset", None)
+            if not hasattr(dataset, "image_paths"):
+                raise ValueError("CAMWriter(ir_labels=...) needs a predict data set with image_paths (the CRF reads "
+                                 "each image)")
+            self._image_paths = dict(zip(dataset.image_ids, dataset.image_paths, strict=True))
+        super().setup(trainer, pl_module, stage)
+
+    def finished_ids(self) -> set[str]:
+        done = super().finished_ids()
+        return done if self._stream is None else {i for i in done if self._stream.finished(i)}
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
+        if self._stream is None:
+            return
+        refusal = None  # as for the CAM folder: rank 0 holds the lock, every rank learns the outcome
+        if trainer.is_global_zero:
+            run = json.loads((self.out_dir / RUN_FILE).read_text())
+            root = Path(getattr(trainer.datamodule, "root", Path(next(iter(self._image_paths.values()))).parent))
+            try:
+                self._stream.open(self.out_dir, run, root, self._all_ids, self.overwrite)
+            except (OSError, ValueError, RuntimeError) as error:
+                refusal = str(error)
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        if refusal is not None:
+            raise OutputFolderError(f"IR labels: {refusal}")
+        self._stream.start()
 
     def _producer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         run = super()._producer(trainer, pl_module)
@@ -251,17 +298,51 @@ class CAMWriter(ResumableWriter):
 
     def write_record(self, record: dict[str, Any]) -> None:
         dtype = CAM_DTYPES[self.dtype]
-        write_cam_file(cam_path(self.out_dir, record["image_id"]),
-                       {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record},
-                       high_res_dtype=dtype, cam_dtype=dtype,
+        arrays = {name: _to_numpy(record[name]) for name in CAM_ARRAYS if name in record}
+        write_cam_file(cam_path(self.out_dir, record["image_id"]), arrays, high_res_dtype=dtype, cam_dtype=dtype,
                        high_res_rule=None if self.store_high_res else self._high_res_rule)
+        if self._stream is not None:
+            image_id = record["image_id"]
+            self._stream.submit(image_id, self._image_paths[image_id], arrays["keys"].astype(np.int64),
+                                arrays["high_res"], arrays.get("bg"))
+
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._stream is not None:
+            error = None
+            try:
+                self._stream.wait()
+            except Exception as raised:  # noqa: BLE001 - every rank must learn of it before the barriers below
+                error = raised
+            failed = trainer.strategy.reduce(torch.tensor(float(error is not None)), reduce_op="sum")
+            if error is not None:
+                raise OutputFolderError(f"IR labels: {error}") from error
+            if float(failed) > 0:
+                raise OutputFolderError("IR labels failed in another process (its error is reported there)")
+        super().on_predict_epoch_end(trainer, pl_module)
+        if self._stream is not None and trainer.is_global_zero:
+            manifest = json.loads((self.out_dir / MANIFEST).read_text())
+            self._stream.close(manifest, written=int(manifest["written_this_run"]))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+        super().on_exception(trainer, pl_module, exception)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._stream is not None:
+            self._stream.stop()
+            self._stream = None
+        super().teardown(trainer, pl_module, stage)
 
     def image_info(self, image_id: str) -> dict[str, Any]:
         return cam_file_info(cam_path(self.out_dir, image_id))
 
     def manifest_extra(self, run: dict[str, Any]) -> dict[str, Any]:
         cam = run.get("protocol", {}).get("cam", {})
-        return {"bg_threshold": cam.get("bg_threshold"), "high_res_rule": cam.get("high_res_rule")}
+        extra = {"bg_threshold": cam.get("bg_threshold"), "high_res_rule": cam.get("high_res_rule")}
+        if self._stream is not None:
+            extra["ir_labels"] = str(self._stream.out_dir)
+        return extra
 
 
 class PseudoLabelWriter(ResumableWriter):

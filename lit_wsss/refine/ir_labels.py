@@ -84,6 +84,7 @@ __all__ = [
     "add_refinement_options",
     "build_parser",
     "ir_labels_of_list",
+    "IRLabelStream",
     "main",
     "refinement_options",
 ]
@@ -329,19 +330,31 @@ def _process(job: _Job, image_id: str) -> str:
     keys, high_res, bg = load_cam_file(cam_file)
     if high_res.ndim != 3:
         raise ValueError(f"CAM file {cam_file}: high_res must be (K, H, W), got shape {high_res.shape}")
-    image = read_rgb(image_path)
+    return _label_and_write(job, image_id, image_path, keys, high_res, bg, f"CAM file {cam_file}")
+
+
+def _label_and_write(job: _Job, image_id: str, image_path: str | Path, keys: np.ndarray, high_res: np.ndarray,
+                     bg: np.ndarray | None, source: str) -> str:
+    """The IR label of one image from its CAMs (``source`` names them in errors), written as ``<out>/<id>.png``."""
+    image = read_rgb(Path(image_path))
     if image.shape[:2] != high_res.shape[1:]:
         raise ValueError(f"size mismatch for id {image_id!r}: image {image_path} is {image.shape[1]}x"
-                         f"{image.shape[0]} but CAM file {cam_file} has high_res of {high_res.shape[2]}x"
+                         f"{image.shape[0]} but {source} has high_res of {high_res.shape[2]}x"
                          f"{high_res.shape[1]} (width x height)")
     try:
         crf = functools.partial(crf_inference_label, gauss=(CRF_PARAMS["gaussian"]["sxy"], job.crf_gaussian_compat))
         label = ir_label(image, high_res, keys, job.fg_threshold, job.bg_threshold, bg=bg,
                          convention=job.convention, bg_factor=job.bg_factor, crf=crf)
     except ValueError as error:
-        raise ValueError(f"CAM file {cam_file} (image {image_path}): {error}") from None
+        raise ValueError(f"{source} (image {image_path}): {error}") from None
     write_bytes_atomic(Path(job.out_dir) / f"{image_id}.png", palette_png_bytes(label))
     return image_id
+
+
+def _label_arrays(job: _Job, task: tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None]) -> str:
+    """:class:`IRLabelStream`'s worker: ``task`` = (id, image path, keys, high_res, bg) held by the CAM writer."""
+    image_id, image_path, keys, high_res, bg = task
+    return _label_and_write(job, image_id, image_path, keys, high_res, bg, f"the CAMs of id {image_id!r}")
 
 
 def _init_worker() -> None:
@@ -428,58 +441,11 @@ def make_ir_labels(
             raise FileNotFoundError(f"no CAM file for id {image_id!r}: {cam_path(cams_dir, image_id)} is missing")
         image_file(image_dir, image_id)
 
-    cams_manifest = {k: v for k, v in read_cam_manifest(cams_dir).items() if k != "images"}
-    manifest: dict[str, Any] = {
-        "stage": STAGE,
-        "cams": str(cams_dir.resolve()),
-        "cams_producer": cams_manifest.get("producer"),
-        "cams_checkpoint": cams_manifest.get("checkpoint"),
-        "cams_hparams": cams_manifest.get("hparams"),
-        "cams_protocol": cams_manifest.get("protocol"),
-        "convention": convention,
-        **params,
-        "crf": {**CRF_PARAMS, "gaussian": {**CRF_PARAMS["gaussian"], "compat": crf_gaussian_compat}},
-        "cams_manifest": cams_manifest,
-        "root": str(root.resolve()),
-        "spec": "../shared/methods/protocol.md §6.1; conventions: protocol.md §5, sipe.md §5.3, cpn.md §7",
-        "values": "0 background, keys + 1 classes, 255 uncertain (ignored)",
-    }
+    manifest = _stage_manifest(cams_dir, read_cam_manifest(cams_dir), root, convention, params, crf_gaussian_compat)
 
     # one writer per folder: a second would delete this one's temporary files as leftovers
     with folder_lock(out_dir, STAGE):
-        manifest_path = out_dir / MANIFEST
-        previous_ids: list[str] = []
-        if manifest_path.is_file():
-            try:
-                previous = json.loads(manifest_path.read_text())
-                previous_listed = [str(i) for i in previous.get("ids", [])]
-            except (OSError, ValueError, AttributeError, TypeError) as error:
-                if not overwrite:
-                    raise ValueError(f"cannot read {manifest_path}: {error} (overwrite replaces it)") from None
-                previous, previous_listed = {}, []
-            before, now = _comparable(previous), _comparable(manifest)
-            changed = sorted(key for key in PARAMETER_KEYS if before.get(key) != now.get(key))
-            if changed and not overwrite:
-                raise FileExistsError(f"{out_dir} holds IR labels made with other parameters (differs in "
-                                      f"{changed}, see {manifest_path}); use a new folder or overwrite")
-            if changed:  # overwrite: labels of the old parameters that this run does not redo must not linger
-                for image_id in set(previous_listed) - set(ids):
-                    (out_dir / f"{image_id}.png").unlink(missing_ok=True)
-            else:
-                previous_ids = [i for i in previous_listed if (out_dir / f"{i}.png").is_file()]
-        elif not overwrite:
-            foreign = [i for i in ids if (out_dir / f"{i}.png").is_file()]
-            if foreign:
-                raise FileExistsError(f"{out_dir} holds {len(foreign)} PNG(s) of listed ids (e.g. "
-                                      f"{foreign[0]}.png) but no {MANIFEST}: their parameters are unknown; use a "
-                                      "new folder or overwrite")
-        for leftover in out_dir.glob(f"*{TMP_SUFFIX}"):  # from a killed run
-            leftover.unlink(missing_ok=True)
-        known = set(ids)
-        all_ids = [i for i in previous_ids if i not in known] + ids
-        # Pin the parameters before the first PNG, so an interrupted run is resumed only with the same ones.
-        write_json_atomic(manifest_path, {**manifest, "complete": False, "count": len(all_ids), "ids": all_ids})
-
+        all_ids = _open_folder(out_dir, manifest, ids, overwrite)
         todo = ids if overwrite else [i for i in ids if not (out_dir / f"{i}.png").is_file()]
         job = _Job(str(cams_dir), str(image_dir), str(out_dir), convention,
                    params["fg_threshold"], params["bg_threshold"], params["bg_factor"], crf_gaussian_compat)
@@ -498,18 +464,208 @@ def make_ir_labels(
         finally:
             bar.close()
         seconds = time.perf_counter() - start
-        write_json_atomic(manifest_path, {
-            **manifest, "complete": True, "count": len(all_ids), "ids": all_ids,
-            "written_this_run": len(todo), "skipped_this_run": len(ids) - len(todo), "workers": int(workers),
-        })
+        _close_folder(out_dir, manifest, all_ids, written=len(todo), skipped=len(ids) - len(todo), workers=workers)
         return {
             "written": len(todo),
             "skipped": len(ids) - len(todo),
             "seconds": seconds,
             "images_per_second": len(todo) / seconds if seconds > 0 else 0.0,
             "out": str(out_dir),
-            "manifest": str(manifest_path),
+            "manifest": str(out_dir / MANIFEST),
         }
+
+
+def _stage_manifest(cams_dir: Path, cams_manifest: dict[str, Any], root: Path, convention: str,
+                    params: dict[str, Any], crf_gaussian_compat: float) -> dict[str, Any]:
+    """The IR-label manifest without its ids: the CAMs' producer (from their manifest, or from the ``run.json`` of
+    an export still running), the convention, thresholds and CRF. :data:`PARAMETER_KEYS` decide resuming."""
+    cams_manifest = {k: v for k, v in cams_manifest.items() if k != "images"}
+    return {
+        "stage": STAGE,
+        "cams": str(cams_dir.resolve()),
+        "cams_producer": cams_manifest.get("producer"),
+        "cams_checkpoint": cams_manifest.get("checkpoint"),
+        "cams_hparams": cams_manifest.get("hparams"),
+        "cams_protocol": cams_manifest.get("protocol"),
+        "convention": convention,
+        **params,
+        "crf": {**CRF_PARAMS, "gaussian": {**CRF_PARAMS["gaussian"], "compat": crf_gaussian_compat}},
+        "cams_manifest": cams_manifest,
+        "root": str(root.resolve()),
+        "spec": "../shared/methods/protocol.md §6.1; conventions: protocol.md §5, sipe.md §5.3, cpn.md §7",
+        "values": "0 background, keys + 1 classes, 255 uncertain (ignored)",
+    }
+
+
+def _open_folder(out_dir: Path, manifest: dict[str, Any], ids: Sequence[str], overwrite: bool) -> list[str]:
+    """Before the first PNG, under the folder's lock: refuse a folder of other parameters (unless ``overwrite``,
+    which removes their labels of ids not listed now), remove a killed run's temporary files, and pin the
+    parameters in an incomplete manifest, so that an interrupted run is resumed only with the same ones.
+
+    Returns:
+        Every id the folder will hold: the finished ids of earlier runs with these parameters, then ``ids``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = out_dir / MANIFEST
+    previous_ids: list[str] = []
+    if manifest_path.is_file():
+        try:
+            previous = json.loads(manifest_path.read_text())
+            previous_listed = [str(i) for i in previous.get("ids", [])]
+        except (OSError, ValueError, AttributeError, TypeError) as error:
+            if not overwrite:
+                raise ValueError(f"cannot read {manifest_path}: {error} (overwrite replaces it)") from None
+            previous, previous_listed = {}, []
+        before, now = _comparable(previous), _comparable(manifest)
+        changed = sorted(key for key in PARAMETER_KEYS if before.get(key) != now.get(key))
+        if changed and not overwrite:
+            raise FileExistsError(f"{out_dir} holds IR labels made with other parameters (differs in "
+                                  f"{changed}, see {manifest_path}); use a new folder or overwrite")
+        if changed:  # overwrite: labels of the old parameters that this run does not redo must not linger
+            for image_id in set(previous_listed) - set(ids):
+                (out_dir / f"{image_id}.png").unlink(missing_ok=True)
+        else:
+            previous_ids = [i for i in previous_listed if (out_dir / f"{i}.png").is_file()]
+    elif not overwrite:
+        foreign = [i for i in ids if (out_dir / f"{i}.png").is_file()]
+        if foreign:
+            raise FileExistsError(f"{out_dir} holds {len(foreign)} PNG(s) of listed ids (e.g. "
+                                  f"{foreign[0]}.png) but no {MANIFEST}: their parameters are unknown; use a "
+                                  "new folder or overwrite")
+    for leftover in out_dir.glob(f"*{TMP_SUFFIX}"):  # from a killed run
+        leftover.unlink(missing_ok=True)
+    known = set(ids)
+    all_ids = [i for i in previous_ids if i not in known] + list(ids)
+    write_json_atomic(manifest_path, {**manifest, "complete": False, "count": len(all_ids), "ids": all_ids})
+    return all_ids
+
+
+def _close_folder(out_dir: Path, manifest: dict[str, Any], all_ids: list[str], *, written: int, skipped: int,
+                  workers: int, **extra: Any) -> None:
+    """The complete manifest, once every PNG of ``all_ids`` is written."""
+    write_json_atomic(out_dir / MANIFEST, {
+        **manifest, "complete": True, "count": len(all_ids), "ids": all_ids,
+        "written_this_run": written, "skipped_this_run": skipped, "workers": int(workers), **extra,
+    })
+
+
+class IRLabelStream:
+    """IR labels made while the CAMs are exported (``CAMWriter(ir_labels={...})``, issue 18): each image's CRF
+    runs in a worker pool on the maps the writer holds, while the network goes on to the next image, so that a
+    GPU export and the CPU's CRF overlap and nothing re-reads the CAM files.
+
+    The folder is the one :func:`make_ir_labels` writes from the finished CAM folder: the same PNGs (the maps are
+    the float32 ones the CAM file stores; with ``CAMWriter(dtype="float16")`` or compact files the stream uses
+    the unrounded maps, the tool the stored ones) and a manifest with the same parameters, so ``lit-wsss
+    ir-labels`` and the pipeline's IR-label stage find it finished.
+
+    Life cycle, driven by the writer: :meth:`open` (the process that holds the CAM folder's lock, before any
+    image; pins the parameters), :meth:`start` (every process: its pool), :meth:`submit` per image,
+    :meth:`wait` (every process: all its images written, the first worker error raised), :meth:`close` (the
+    lock holder, after the CAM manifest: the complete manifest); :meth:`stop` on failure.
+
+    Args:
+        out_dir: the IR-label folder.
+        convention, fg, bg, bg_factor, crf_gaussian_compat: :func:`make_ir_labels`.
+        workers: CRF processes of each exporting process (at least 1).
+        max_pending: images handed to the pool and not yet written, at most (default ``2 * workers``): a
+            faster network waits for the CRF instead of holding every image's maps in memory.
+    """
+
+    OPTIONS = ("out_dir", "convention", "fg", "bg", "bg_factor", "crf_gaussian_compat", "workers", "max_pending")
+
+    def __init__(self, out_dir: str | Path, convention: str = "constant", fg: float | None = None,
+                 bg: float | None = None, bg_factor: float | None = None, crf_gaussian_compat: float = 3,
+                 workers: int = 1, max_pending: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.convention = convention
+        self.params = _resolve_parameters(convention, fg, bg, bg_factor)
+        if int(workers) < 1:
+            raise ValueError(f"IR-label stream: workers must be >= 1, got {workers}")
+        self.workers = int(workers)
+        self.max_pending = int(max_pending) if max_pending else 2 * self.workers
+        self.crf_gaussian_compat = crf_gaussian_compat
+        self._job = _Job("", "", str(self.out_dir), convention, self.params["fg_threshold"],
+                         self.params["bg_threshold"], self.params["bg_factor"], crf_gaussian_compat)
+        self._pool: Any = None
+        self._pending: list[Any] = []
+        self._manifest: dict[str, Any] = {}
+        self._all_ids: list[str] = []
+        self._locked = False
+        self.written = 0
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any], default_convention: str) -> IRLabelStream:
+        """From a writer's ``ir_labels`` mapping (:data:`OPTIONS`; ``out_dir`` required); an unknown key is an
+        error that names it. ``convention`` defaults to the CAM method's."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown or "out_dir" not in options:
+            raise ValueError(f"ir_labels options {sorted(options)}: unknown {unknown}; expected out_dir and some of "
+                             f"{list(cls.OPTIONS[1:])}")
+        return cls(**{"convention": default_convention, **options})
+
+    def finished(self, image_id: str) -> bool:
+        return (self.out_dir / f"{image_id}.png").is_file()
+
+    def open(self, cams_dir: Path, run: dict[str, Any], root: Path, all_ids: Sequence[str], overwrite: bool) -> None:
+        """Lock the folder, check and pin the parameters (``run``: the CAM export's ``run.json``)."""
+        from lit_wsss.io import acquire_folder_lock
+
+        self._manifest = _stage_manifest(cams_dir, run, root, self.convention, self.params, self.crf_gaussian_compat)
+        acquire_folder_lock(self.out_dir, STAGE)
+        self._locked = True
+        self._all_ids = _open_folder(self.out_dir, self._manifest, list(all_ids), overwrite)
+
+    def start(self) -> None:
+        self._pool = worker_context().Pool(self.workers, initializer=_init_worker)
+
+    def submit(self, image_id: str, image_path: str | Path, keys: np.ndarray, high_res: np.ndarray,
+               bg: np.ndarray | None = None) -> None:
+        """Hand one image to the pool; first waits while :attr:`max_pending` images are in it."""
+        while len(self._pending) >= self.max_pending:
+            self._collect(self._pending.pop(0))
+        task = (image_id, str(image_path), keys, high_res, bg)
+        self._pending.append(self._pool.apply_async(_label_arrays, (self._job, task)))
+
+    def _collect(self, result: Any) -> None:
+        result.get()  # re-raises the worker's error, which names the id and the image
+        self.written += 1
+
+    def wait(self) -> None:
+        """Every submitted image written (the first error raised); the pool is closed."""
+        while self._pending:
+            self._collect(self._pending.pop(0))
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def close(self, cams_manifest: dict[str, Any], written: int) -> None:
+        """The complete manifest (``cams_manifest``: the finished CAM folder's; ``written``: this export's images over
+        every process); the folder's lock is released."""
+        from lit_wsss.io import release_folder_lock
+
+        missing = [i for i in self._all_ids if not self.finished(i)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} IR labels missing in {self.out_dir} after the export, e.g. {missing[:5]}")
+        self._manifest["cams_manifest"] = {k: v for k, v in cams_manifest.items() if k != "images"}
+        _close_folder(self.out_dir, self._manifest, self._all_ids, written=written,
+                      skipped=len(self._all_ids) - written, workers=self.workers, streamed=True)
+        release_folder_lock(self.out_dir)
+        self._locked = False
+
+    def stop(self) -> None:
+        """After a failure: workers terminated, lock released (a rerun resumes)."""
+        from lit_wsss.io import release_folder_lock
+
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+        self._pending = []
+        if self._locked:
+            release_folder_lock(self.out_dir)
+            self._locked = False
 
 
 # --------------------------------------------------------------------------------------------------- CLI
