@@ -10,6 +10,7 @@
 #   2. nvidia-smi, then benchmarks/gpu_stages.py: torch / CUDA / cuDNN versions, a 1-process NCCL all_reduce,
 #      then per precision (fp32, bf16-mixed, bf16-mixed + channels_last) on the built-in synthetic set:
 #      fit baseline CAM and METHOD (STEPS steps each), CAM export of IMAGES held-out images, lit-wsss eval-cam,
+#      the export again with its IR labels streamed (the CRF in WORKERS CPU processes beside the GPU),
 #      fit IRNet (STEPS steps), IRNet's random walk (pseudo-label predict); then a Markdown table of images/s per
 #      stage and the CAM mIoU of each precision (written to $OUT/gpu_check.md)
 #   3. pytest -m gpu tests/test_gpu.py (one test per stage, on the GPU, bf16-mixed)

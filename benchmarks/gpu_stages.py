@@ -2,7 +2,8 @@
 
 To be run by the person who has the CUDA machine, through ``benchmarks/gpu_check.sh`` (which installs the venv
 first). On the built-in synthetic set it trains ``--steps`` steps of baseline CAM and of ``--method`` (SIPE by
-default), exports the CAMs of ``--images`` held-out images, scores them with ``lit-wsss eval-cam``, trains IRNet
+default), exports the CAMs of ``--images`` held-out images, scores them with ``lit-wsss eval-cam``, exports
+them again with their IR labels streamed (``CAMWriter(ir_labels=...)``: the CRF on the CPU), trains IRNet
 ``--steps`` steps and runs its random walk (pseudo-label predict) on the device, then prints one Markdown table:
 images/s per stage and precision (measured inside the loop after ``--warmup`` batches, so start-up, data
 generation and checkpoint writing are not counted) and the CAM mIoU of bf16 against fp32. Before that: torch /
@@ -194,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return speed, run_dir / "checkpoints" / "last.ckpt"
 
     def predict(config: list[str], stage_file: str, variant: str, ckpt: Path, folder: Path,
-                extra: list[str]) -> dict[str, float]:
+                extra: list[str], writer: tuple[str, ...] = ()) -> dict[str, float]:
         return run(["predict", *config, *loader, *extra, "--config", str(EXPERIMENTS / "stages" / stage_file),
                     *trainer(variant), f"--ckpt_path={ckpt}", f"--trainer.default_root_dir={folder}",
                     f"--trainer.callbacks.init_args.out_dir={folder}", "--trainer.callbacks.init_args.overwrite=true",
-                    f"--trainer.callbacks+={timer}", *callbacks(variant)])
+                    *writer, f"--trainer.callbacks+={timer}", *callbacks(variant)])
 
     speeds: dict[str, dict[str, dict[str, float]]] = {}
     mious: dict[str, float] = {}
@@ -215,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         speeds[variant]["CAM export"] = predict(cam, "predict_cams.yaml", variant, cam_ckpt, cams,
                                                 ["--data.init_args.predict_list=val"])
         mious[variant] = eval_cam(cams, root, out / tag / "eval_cams.json")
+        # the same export with its IR labels streamed: the CRF on the CPU beside the GPU (CAMWriter ir_labels)
+        stream = json.dumps({"out_dir": str(out / tag / "ir_labels_streamed"), "workers": max(1, args.workers)})
+        speeds[variant]["CAM export + IR labels streamed"] = predict(
+            cam, "predict_cams.yaml", variant, cam_ckpt, out / tag / "cams_streamed",
+            ["--data.init_args.predict_list=val"], (f"--trainer.callbacks.init_args.ir_labels={stream}",))
         if not ir_dir.joinpath("manifest.json").is_file():  # seeds for IRNet from the first variant's CAMs (CPU)
             from lit_wsss.stages import ir_labels
 
