@@ -95,3 +95,19 @@ def test_stream_options_are_checked():
         IRLabelStream.from_options({"out_dir": "x", "fg": 0.3}, "explicit")
     with pytest.raises(ValueError, match="workers must be >= 1"):
         IRLabelStream.from_options({"out_dir": "x", "workers": 0}, "constant")
+
+
+def test_a_failing_image_names_its_id_and_file_and_the_lock_is_freed(tmp_path):
+    """The worker's error reaches the writer (at the next submit or at wait) naming the id and the image; stop()
+    frees the folder for a rerun."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(image)
+    stream = IRLabelStream(tmp_path / "ir", workers=1)
+    stream.open(tmp_path / "cams", {"producer": "CAM"}, tmp_path, ["a"], overwrite=False)
+    stream.start()
+    stream.submit("a", image, np.array([0]), np.zeros((1, 9, 10), np.float32))  # one row short
+    with pytest.raises(ValueError, match=r"size mismatch for id 'a': image .*a\.png is 10x8 but the CAMs of id 'a'"):
+        stream.wait()
+    stream.stop()
+    assert not (tmp_path / "ir" / ".lock").exists() and not (tmp_path / "ir" / "a.png").exists()
+    assert json.loads((tmp_path / "ir" / "manifest.json").read_text())["complete"] is False
