@@ -32,6 +32,22 @@ class TrainingDataError(ReportedError, ValueError):
     """Training data that cannot be what the user meant: an image without any class, a list shorter than a batch."""
 
 
+class DataFileError(ReportedError, ValueError):
+    """A data set file that is not what it must be: an empty split list, a label file with an unknown class or
+    index, a malformed JSON or CSV, a mask of the wrong size or with values outside the classes."""
+
+
+class MissingDataError(ReportedError, FileNotFoundError):
+    """A data set root, split list, image, mask or label file that does not exist (the message names it)."""
+
+
+class UnlabelledIdsError(ReportedError, KeyError):
+    """Listed ids without an image-level label."""
+
+    def __str__(self) -> str:  # KeyError's own str() quotes the message
+        return str(self.args[0]) if self.args else ""
+
+
 class ImageFileError(ReportedError, OSError):
     """An image file that is missing, empty, not an image, or truncated (``datamodules.files.read_rgb``)."""
 

@@ -353,3 +353,56 @@ def test_a_bad_ckpt_path_is_named_before_lightning_reads_it(folder, weights, tmp
     expected = {**EXPECTED, "garbage": "is not a zip archive"}[kind]
     assert error_line(err).startswith(f"lit-wsss: error: --ckpt_path: ") and str(files[kind]) in error_line(err)
     assert expected in error_line(err) and "Traceback" not in err
+
+
+# --- data errors as one line (issue 17's "traceback" rows, docs/reliability.md) ------------------------------
+
+def _break(folder: Path, case: str) -> list[str]:
+    """Break one thing of the folder data set; the extra command-line arguments of the case."""
+    if case == "missing root":
+        return ["--data.init_args.root", str(folder / "nope")]
+    if case == "missing list":
+        return ["--data.init_args.train_list", "nope"]
+    if case == "empty list":
+        (folder / "train.txt").write_text("")
+    elif case == "unknown class":
+        (folder / "labels.csv").write_text("image,labels\na.jpg,cloud\n" + "".join(f"{n}.jpg,sky thing\n" for n in "bcd"))
+    elif case == "id without label":
+        Image.open(folder / "images" / "a.jpg").save(folder / "images" / "e.jpg")
+        (folder / "train.txt").write_text("a\nb\ne\n")
+    elif case == "mask values":
+        mask = np.full((40, 60), 50, np.uint8)
+        (folder / "masks" / "c.png").write_bytes(palette_png_bytes(mask))
+    return []
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing root", "nope"), ("missing list", "split list 'nope' not found"), ("empty list", "train.txt is empty"),
+    ("unknown class", "labels.csv: line 2: unknown class 'cloud'"), ("id without label", "have no label in"),
+    ("mask values", "c.png holds values [50]; expected 0..2 or 255"),
+])
+def test_a_data_error_is_one_line_naming_the_file(folder, tmp_path, capfd, case, expected):
+    """Each used to end a Python traceback (the message right, but in its last line)."""
+    extra = _break(folder, case)
+    subcommand = "validate" if case == "mask values" else "fit"  # masks are read by the validation loop
+    code, err = run_cli([subcommand, *configs("folder", "cam"), "--data.init_args.root", str(folder), *TINY, *extra,
+                         "--trainer.max_steps", "1", f"--trainer.default_root_dir={tmp_path}"], capfd)
+    assert code == 1
+    assert error_line(err).startswith("lit-wsss: error: ") and expected in error_line(err), err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_a_cam_export_into_a_file_or_another_producers_folder_is_one_line(folder, tmp_path, capfd):
+    export = ["predict", *configs("folder", "cam"), "--config", "experiments/stages/predict_cams.yaml",
+              "--data.init_args.root", str(folder), "--data.init_args.predict_list", "val", *TINY[:-1]]
+    a_file = tmp_path / "cams_file"
+    a_file.write_text("")
+    code, err = run_cli([*export, f"--trainer.callbacks.init_args.out_dir={a_file}"], capfd)
+    assert code == 1 and error_line(err) == f"lit-wsss: error: out_dir {a_file} is a file: expected a folder"
+    cams = tmp_path / "cams"
+    main([*export, f"--trainer.callbacks.init_args.out_dir={cams}"])
+    assert (cams / "manifest.json").is_file()
+    capfd.readouterr()
+    code, err = run_cli([*export, f"--trainer.callbacks.init_args.out_dir={cams}", "--model.init_args.cam_scales",
+                         "[1.0, 0.5]"], capfd)
+    assert code == 1 and "holds CAMs of another producer" in error_line(err) and "Traceback" not in err

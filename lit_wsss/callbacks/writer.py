@@ -83,6 +83,8 @@ class ResumableWriter(BasePredictionWriter):
         if dataset is None or not hasattr(dataset, "select"):
             raise RuntimeError("CAMWriter needs a lit_wsss DataModule whose predict_dataset supports select()")
         self._all_ids = list(dataset.image_ids)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise OutputFolderError(f"out_dir {self.out_dir} is a file: expected a folder")
         # One writer per folder: a second one would delete this one's temporary files below. Rank 0 holds the
         # lock; every rank learns the outcome, so that all stop together instead of waiting in a barrier.
         refusal = None
@@ -147,7 +149,7 @@ class ResumableWriter(BasePredictionWriter):
         now = json.loads(json.dumps(run, sort_keys=True, default=str))
         if before != now:
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
-            raise RuntimeError(
+            raise OutputFolderError(
                 f"{self.out_dir} holds CAMs of another producer (differs in {changed}, see {previous}); "
                 "use a new out_dir or CAMWriter(overwrite=True)"
             )

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lit_wsss.datamodules.files import read_mask, read_rgb
 from lit_wsss.datamodules.transforms import build_train_transform, inference
-from lit_wsss.errors import TrainingDataError
+from lit_wsss.errors import MissingDataError, TrainingDataError, UnlabelledIdsError
 from lit_wsss.io import IGNORE_INDEX
 
 
@@ -201,7 +201,8 @@ class WSSSDataModule(pl.LightningDataModule):
         """
         missing = [i for i in ids if i not in labels]
         if missing:
-            raise KeyError(f"{len(missing)} ids of {ids_source} have no label in {labels_source}, e.g. {missing[:5]}")
+            raise UnlabelledIdsError(f"{len(missing)} ids of {ids_source} have no label in {labels_source}, "
+                                     f"e.g. {missing[:5]}")
         empty = [i for i in ids if not np.any(labels[i])] if train and not self.allow_empty_labels else []
         if empty:
             raise TrainingDataError(
@@ -212,15 +213,15 @@ class WSSSDataModule(pl.LightningDataModule):
             )
         absent = [p for p in image_paths if not p.is_file()]
         if absent:
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{len(absent)} images of {ids_source} are missing, e.g. {[str(p) for p in absent[:3]]}"
             )
         if train and self.seed_dir is not None and mask_paths is None:
             mask_paths = [self.seed_dir / f"{i}.png" for i in ids]
             lacking = [p for p in mask_paths if not p.is_file()]
             if lacking:
-                raise FileNotFoundError(f"{len(lacking)} training ids of {ids_source} have no pseudo mask in "
-                                        f"seed_dir {self.seed_dir}, e.g. {[str(p) for p in lacking[:3]]}")
+                raise MissingDataError(f"{len(lacking)} training ids of {ids_source} have no pseudo mask in "
+                                       f"seed_dir {self.seed_dir}, e.g. {[str(p) for p in lacking[:3]]}")
         transform = (
             build_train_transform(self.train_transform, self.crop_size, self.resize_long) if train else inference()
         )

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
 from lit_wsss.datamodules.files import read_id_list, resolve_list
 from lit_wsss.datamodules.labels import load_cls_labels, save_cls_labels_npz
+from lit_wsss.errors import MissingDataError
 from lit_wsss.io import IGNORE_INDEX
 from lit_wsss.io import palette_png_bytes, write_bytes_atomic
 
@@ -254,7 +255,7 @@ class COCODataModule(WSSSDataModule):
     def prepare_data(self) -> None:
         for split in dict.fromkeys((self.train_split, self.val_split, self.predict_split)):
             if not self.instances_json(split).is_file():
-                raise FileNotFoundError(f"COCO instances JSON not found: {self.instances_json(split)}")
+                raise MissingDataError(f"COCO instances JSON not found: {self.instances_json(split)}")
             build_coco_semantic_masks(self.instances_json(split), self.derived_dir(split))
 
     def _dataset(self, split: str, list_name: str | None, with_masks: bool,
@@ -262,7 +263,7 @@ class COCODataModule(WSSSDataModule):
         folder = self.derived_dir(split)
         meta = json.loads((folder / MARKER).read_text()) if (folder / MARKER).is_file() else {}
         if not meta.get("complete"):
-            raise FileNotFoundError(f"no complete masks/labels in {folder}: run prepare_data() first")
+            raise MissingDataError(f"no complete masks/labels in {folder}: run prepare_data() first")
         labels = load_cls_labels(folder / "cls_labels.npz", self.num_classes)
         if list_name:
             ids_source: Any = resolve_list(self.root, list_name)
@@ -278,7 +279,7 @@ class COCODataModule(WSSSDataModule):
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir():
-            raise FileNotFoundError(f"COCO root not found: {self.root} (data.root)")
+            raise MissingDataError(f"COCO root not found: {self.root} (data.root)")
         if stage == "fit":
             self.train_dataset = self._dataset(self.train_split, self.train_list, False, train=True)
         if stage in ("fit", "validate"):

@@ -19,6 +19,7 @@ from typing import Any
 
 from lit_wsss.datamodules.base import SegmentationFolderDataset
 from lit_wsss.datamodules.voc import VOCDataModule
+from lit_wsss.errors import MissingDataError
 
 
 class FolderDataModule(VOCDataModule):
@@ -60,7 +61,7 @@ class FolderDataModule(VOCDataModule):
             folder = self.mask_folder()
             ids = [i for i in ids if (folder / f"{i}.png").is_file()]
             if not ids:
-                raise FileNotFoundError(f"no labelled image of {self.cls_labels_path} has a mask in {folder}")
+                raise MissingDataError(f"no labelled image of {self.cls_labels_path} has a mask in {folder}")
             masks = [folder / f"{i}.png" for i in ids]
         return self.voc_dataset(ids, f"every labelled image of {self.cls_labels_path}", train, masks)
 

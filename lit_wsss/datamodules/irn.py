@@ -20,6 +20,7 @@ from lit_wsss.datamodules.base import SegmentationFolderDataset
 from lit_wsss.datamodules.files import read_id_list, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES
 from lit_wsss.datamodules.voc import VOCDataModule
+from lit_wsss.errors import MissingDataError
 from lit_wsss.io import read_manifest
 
 
@@ -114,7 +115,7 @@ class IRNDataModule(VOCDataModule):
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image root not found: {self.root} (data.root)")
+            raise MissingDataError(f"image root not found: {self.root} (data.root)")
         if stage == "fit":
             if self.ir_label_dir is None:
                 raise ValueError("IRN training needs data.init_args.ir_label_dir (output of `lit-wsss ir-labels`)")

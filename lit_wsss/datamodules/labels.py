@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from lit_wsss.datamodules.files import image_id_of
+from lit_wsss.errors import DataFileError, MissingDataError
 from lit_wsss.io import save_npz_atomic, write_bytes_atomic
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -34,7 +35,7 @@ def decode_int_id(key: int) -> str:
     """IRN's ``decode_int_filename``: 2007000032 -> ``"2007_000032"``."""
     text = str(int(key))
     if len(text) != 10:
-        raise ValueError(f"int image key {key} does not encode a VOC id YYYY_NNNNNN")
+        raise DataFileError(f"int image key {key} does not encode a VOC id YYYY_NNNNNN")
     return f"{text[:4]}_{text[4:]}"
 
 
@@ -52,13 +53,13 @@ def read_official_cls_labels(path: Path) -> dict[Any, Any]:
     try:
         loaded = np.load(path, allow_pickle=True)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path}: not an official cls_labels.npy (a dict saved with np.save): "
-                         f"{type(error).__name__}: {error}") from None
+        raise DataFileError(f"{path}: not an official cls_labels.npy (a dict saved with np.save): "
+                            f"{type(error).__name__}: {error}") from None
     if loaded.dtype != object or loaded.shape != ():
-        raise ValueError(f"{path}: expected a dict saved with np.save (official cls_labels.npy format)")
+        raise DataFileError(f"{path}: expected a dict saved with np.save (official cls_labels.npy format)")
     raw = loaded.item()
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a dict of label vectors, found {type(raw).__name__}")
+        raise DataFileError(f"{path}: expected a dict of label vectors, found {type(raw).__name__}")
     return raw
 
 
@@ -69,15 +70,15 @@ def read_class_list(path: str | Path) -> tuple[str, ...]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class list not found: {path} (one foreground class name per line)")
+        raise MissingDataError(f"class list not found: {path} (one foreground class name per line)")
     names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if names and names[0].lower() in ("background", "_background_"):
         names = names[1:]
     if not names:
-        raise ValueError(f"class list {path} names no foreground class")
+        raise DataFileError(f"class list {path} names no foreground class")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"class list {path} repeats {repeated}")
+        raise DataFileError(f"class list {path} repeats {repeated}")
     return tuple(names)
 
 
@@ -86,19 +87,22 @@ def multi_hot(classes: list[Any], class_names: tuple[str, ...] | None, num_class
     """float32 multi-hot of a list of class names or 0-based indices."""
     size = len(class_names) if class_names is not None else num_classes
     if size is None:
-        raise ValueError(f"{where}: a list of classes needs the class list (or num_classes) to build vectors")
+        raise DataFileError(f"{where}: a list of classes needs the class list (or num_classes) to build "
+                            "vectors")
     vector = np.zeros(size, dtype=np.float32)
     for entry in classes:
         if isinstance(entry, str) and not entry.strip().lstrip("-").isdigit():
             if class_names is None:
-                raise ValueError(f"{where}: class name {entry!r} needs a class list (data.init_args.classes)")
+                raise DataFileError(f"{where}: class name {entry!r} needs a class list "
+                                    "(data.init_args.classes)")
             if entry not in class_names:
-                raise ValueError(f"{where}: unknown class {entry!r}; the class list has {list(class_names)}")
+                raise DataFileError(f"{where}: unknown class {entry!r}; the class list has "
+                                    f"{list(class_names)}")
             vector[class_names.index(entry)] = 1.0
         else:
             index = int(entry)
             if not 0 <= index < size:
-                raise ValueError(f"{where}: class index {index} outside 0..{size - 1}")
+                raise DataFileError(f"{where}: class index {index} outside 0..{size - 1}")
             vector[index] = 1.0
     return vector
 
@@ -107,9 +111,9 @@ def _read_json_labels(path: Path, class_names, num_classes) -> dict[str, np.ndar
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        raise DataFileError(f"{path}: not valid JSON ({error})") from None
     if not isinstance(raw, dict) or not all(isinstance(v, list) for v in raw.values()):
-        raise ValueError(f"{path}: expected {{\"<image id>\": [class names or indices], ...}}")
+        raise DataFileError(f"{path}: expected {{\"<image id>\": [class names or indices], ...}}")
     return {str(k): multi_hot(v, class_names, num_classes, f"{path}: image {k!r}") for k, v in raw.items()}
 
 
@@ -118,15 +122,15 @@ def _read_csv_labels(path: Path, class_names, num_classes) -> dict[str, np.ndarr
         rows = list(csv.DictReader(f))
         fields = rows[0].keys() if rows else []
     if "labels" not in fields or not ({"image", "image_id"} & set(fields)):
-        raise ValueError(f"{path}: expected a header with the columns 'image' (or 'image_id') and 'labels' "
-                         f"(class names separated by ';'), found {list(fields)}")
+        raise DataFileError(f"{path}: expected a header with the columns 'image' (or 'image_id') and "
+                            f"'labels' (class names separated by ';'), found {list(fields)}")
     labels: dict[str, np.ndarray] = {}
     for line, row in enumerate(rows, start=2):
         image_id = image_id_of(row.get("image") or row.get("image_id") or "")
         if not image_id:
-            raise ValueError(f"{path}: line {line} has no image")
+            raise DataFileError(f"{path}: line {line} has no image")
         if image_id in labels:
-            raise ValueError(f"{path}: line {line} repeats image {image_id!r}")
+            raise DataFileError(f"{path}: line {line} repeats image {image_id!r}")
         names = [n.strip() for n in (row["labels"] or "").split(";") if n.strip()]
         labels[image_id] = multi_hot(names, class_names, num_classes, f"{path}: line {line}")
     return labels
@@ -151,7 +155,7 @@ def load_cls_labels(path: str | Path, num_classes: int | None = None,
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image-level label file not found: {path}")
+        raise MissingDataError(f"image-level label file not found: {path}")
     if num_classes is None and class_names is not None:
         num_classes = len(class_names)
     if path.suffix == ".json":
@@ -164,15 +168,16 @@ def load_cls_labels(path: str | Path, num_classes: int | None = None,
     elif path.suffix == ".npy":
         raw = read_official_cls_labels(path)
     else:
-        raise ValueError(f"{path}: unknown label format {path.suffix!r}; expected one of {LABEL_FORMATS}")
+        raise DataFileError(f"{path}: unknown label format {path.suffix!r}; expected one of {LABEL_FORMATS}")
     labels: dict[str, np.ndarray] = {}
     for key, vector in raw.items():
         image_id = decode_int_id(key) if isinstance(key, (int, np.integer)) else str(key)
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
         if num_classes is not None and vector.shape[0] != num_classes:
-            raise ValueError(f"{path}: label of {image_id!r} has {vector.shape[0]} entries, expected {num_classes}")
+            raise DataFileError(f"{path}: label of {image_id!r} has {vector.shape[0]} entries, expected "
+                                f"{num_classes}")
         if not np.isin(vector, (0.0, 1.0)).all():
-            raise ValueError(f"{path}: label of {image_id!r} is not multi-hot 0/1: {vector}")
+            raise DataFileError(f"{path}: label of {image_id!r} is not multi-hot 0/1: {vector}")
         labels[image_id] = vector
     return labels
 

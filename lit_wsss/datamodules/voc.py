@@ -8,6 +8,7 @@ from typing import Any
 from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
 from lit_wsss.datamodules.files import find_image_folder, find_mask_folder, image_file, read_id_list, resolve_list
 from lit_wsss.datamodules.labels import VOC_CLASSES, load_cls_labels, read_class_list
+from lit_wsss.errors import MissingDataError
 
 
 class VOCDataModule(WSSSDataModule):
@@ -99,7 +100,7 @@ class VOCDataModule(WSSSDataModule):
 
     def setup(self, stage: str) -> None:
         if not self.root.is_dir():
-            raise FileNotFoundError(f"VOC root not found: {self.root} (data.root)")
+            raise MissingDataError(f"VOC root not found: {self.root} (data.root)")
         if stage == "fit":
             self.train_dataset = self._dataset(self.train_list, with_masks=False, train=True)
         if stage in ("fit", "validate"):
