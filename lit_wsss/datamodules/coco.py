@@ -42,7 +42,7 @@ from tqdm import tqdm
 from lit_wsss.datamodules.base import SegmentationFolderDataset, WSSSDataModule
 from lit_wsss.datamodules.files import read_id_list, resolve_list
 from lit_wsss.datamodules.labels import load_cls_labels, save_cls_labels_npz
-from lit_wsss.errors import MissingDataError
+from lit_wsss.errors import DataFileError, MissingDataError, UnlabelledIdsError
 from lit_wsss.io import IGNORE_INDEX
 from lit_wsss.io import palette_png_bytes, write_bytes_atomic
 
@@ -76,7 +76,7 @@ def coco_category_map(categories: list[dict[str, Any]], source: str | Path) -> d
     if names != COCO_CLASSES:
         pairs = zip(names, COCO_CLASSES)
         wrong = next((f"class {i + 1} is {a!r}, not {b!r}" for i, (a, b) in enumerate(pairs) if a != b), "")
-        raise ValueError(
+        raise DataFileError(
             f"{source}: categories are not COCO's 80 classes in id order ({len(names)} categories; "
             f"{wrong or 'different length'}); sparse category ids must map to 1..80, not index classes"
         )
@@ -96,7 +96,7 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int, source: str | 
         polygons = []
         for poly in segmentation:
             if len(poly) % 2:
-                raise ValueError(f"{where}: polygon with {len(poly)} coordinates (expected x, y pairs)")
+                raise DataFileError(f"{where}: polygon with {len(poly)} coordinates (expected x, y pairs)")
             # fewer than 3 points enclose no area; pycocotools would also read a 4-coordinate first entry
             # as a bounding box, so degenerate parts are skipped rather than passed on
             if len(poly) >= 6:
@@ -106,14 +106,14 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int, source: str | 
         rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
     else:
         if list(segmentation["size"]) != [height, width]:
-            raise ValueError(f"{where}: RLE of size {segmentation['size']} does not fit the "
-                             f"{height}x{width} (height x width) image")
+            raise DataFileError(f"{where}: RLE of size {segmentation['size']} does not fit the "
+                                f"{height}x{width} (height x width) image")
         counts = segmentation["counts"]
         if isinstance(counts, list):
             runs = np.asarray(counts, dtype=np.int64)
             if runs.sum() != height * width or (runs < 0).any():  # pycocotools does not check this
-                raise ValueError(f"{where}: RLE of size {segmentation['size']} with {runs.sum()} counted "
-                                 f"pixels does not fit the {height}x{width} (height x width) image")
+                raise DataFileError(f"{where}: RLE of size {segmentation['size']} with {runs.sum()} counted "
+                                    f"pixels does not fit the {height}x{width} (height x width) image")
             rle = mask_utils.frPyObjects(segmentation, height, width)
         else:
             encoded = counts.encode("ascii") if isinstance(counts, str) else counts
@@ -146,11 +146,12 @@ def load_instances(path: str | Path) -> tuple[dict[str, dict], dict[int, list[di
     category_map = coco_category_map(data.get("categories", []), path)
     images = {Path(im["file_name"]).stem: im for im in data["images"]}
     if len(images) != len(data["images"]):
-        raise ValueError(f"{path}: several images share a file name stem")
+        raise DataFileError(f"{path}: several images share a file name stem")
     by_image: dict[int, list[dict]] = defaultdict(list)
     for ann in data["annotations"]:
         if ann["category_id"] not in category_map:
-            raise ValueError(f"{path}: annotation {ann['id']} has unknown category_id {ann['category_id']}")
+            raise DataFileError(f"{path}: annotation {ann['id']} has unknown category_id "
+                                f"{ann['category_id']}")
         by_image[ann["image_id"]].append(ann)
     return images, by_image, category_map
 
@@ -193,7 +194,8 @@ def build_coco_semantic_masks(instances_json: str | Path, out_dir: str | Path,
     os.replace(tmp, labels_path)
     unknown = sorted(set(image_names or ()) - images.keys())
     if unknown:
-        raise KeyError(f"{len(unknown)} image names are not in {instances_json}, e.g. {unknown[:5]}")
+        raise UnlabelledIdsError(f"{len(unknown)} image names are not in {instances_json}, e.g. "
+                                 f"{unknown[:5]}")
     names = image_names if image_names is not None else list(images)
     todo = [n for n in names if not (out_dir / f"{n}.png").is_file()]
     for name in tqdm(todo, desc=f"COCO masks {instances_json.name}", disable=len(todo) < 500):
