@@ -17,8 +17,8 @@ the official way (``benchmarks/official_loops.py``, one process each), on the sa
   identical: lit_wsss rescales the normalised tensor with antialiased bicubic, IRN the uint8 image with PIL
   (protocol.md pitfall P3, documented in lit_wsss.cams.scaled_flip_pairs), and the frozen graph rounds
   differently. Reported: the largest difference of the CAMs and the share of pixels whose mask at 0.15 differs.
-  ``--cam-ablation`` adds rows without each speed-up: the eager backbone (``frozen_backbone: false``; the frozen graph's CAMs are compared
-  with its CAMs), then also glibc's allocator defaults (``LIT_WSSS_KEEP_FREED_MEMORY=0``).
+  ``--cam-ablation`` adds rows without each speed-up: the eager backbone (``frozen_backbone: false``; the frozen
+  graph's CAMs are compared with its CAMs), then also glibc's allocator defaults (``LIT_WSSS_KEEP_FREED_MEMORY=0``).
 
 Both sides read CAMs in their own format: ours ``<id>.npz`` (lit_wsss.cam_files), the official ``<id>.npy``
 pickled dicts (written here from the same arrays; only the official side reads them).
@@ -143,6 +143,16 @@ def cam_checkpoint(bench: Path, work: Path) -> Path:
     return out / "cam.ckpt"
 
 
+def cam_export_command(bench: Path, checkpoint: Path, id_file: Path, out: Path, *writer_args: str) -> list[str]:
+    """``lit-wsss predict`` of the ids in ``id_file`` with ``predict_cams.yaml`` (as ``make cams`` runs it), the
+    ResNet-50 checkpoint of :func:`cam_checkpoint`, into ``out``; ``writer_args`` set its CAMWriter."""
+    return [*OURS, "predict", "--config", "experiments/voc/_base.yaml", "--config", "experiments/methods/cam.yaml",
+            "--config", "experiments/stages/predict_cams.yaml", f"--ckpt_path={checkpoint}",
+            f"--data.init_args.root={bench}", f"--data.init_args.predict_list={id_file}",
+            "--data.init_args.num_workers=1", "--model.init_args.backbone=resnet50", "--model.init_args.pretrained=null",
+            f"--trainer.callbacks.init_args.out_dir={out}", "--trainer.enable_progress_bar=false", *writer_args]
+
+
 def compare_cams(ours: Path, official: Path, ids: list[str]) -> tuple[float, float]:
     """Largest |difference| of ``high_res`` / ``cam`` over the ids, and the share of pixels whose mask at the
     default 0.15 differs (``ours``: CAM files; ``official``: a CAM folder or IRN's ``.npy`` dicts)."""
@@ -202,15 +212,9 @@ def bench_cam(bench: Path, work: Path, images: int, few_images: int, repeat: int
             ours_s[count] = float("inf")
             for attempt in range(repeat):  # a rerun would skip the finished ids: a new folder each time
                 folder = work / f"cam_ours_{len(folders)}_{count}_{attempt}"
-                seconds, _ = timed_process([
-                    *OURS, "predict", "--config", "experiments/voc/_base.yaml", "--config",
-                    "experiments/methods/cam.yaml", "--config", "experiments/stages/predict_cams.yaml",
-                    f"--ckpt_path={checkpoint}", f"--data.init_args.root={bench}",
-                    f"--data.init_args.predict_list={id_file}", "--data.init_args.num_workers=1",
-                    "--model.init_args.backbone=resnet50", "--model.init_args.pretrained=null",
-                    f"--trainer.callbacks.init_args.out_dir={folder}",
-                    f"--trainer.callbacks.init_args.frozen_backbone={str(frozen).lower()}",
-                    "--trainer.enable_progress_bar=false"], 1, env={"LIT_WSSS_KEEP_FREED_MEMORY": keep})
+                frozen_arg = f"--trainer.callbacks.init_args.frozen_backbone={str(frozen).lower()}"
+                seconds, _ = timed_process(cam_export_command(bench, checkpoint, id_file, folder, frozen_arg), 1,
+                                           env={"LIT_WSSS_KEEP_FREED_MEMORY": keep})
                 ours_s[count] = min(ours_s[count], seconds)
         folders[name] = folder  # the last run over all `images` ids
         ours_per_image, ours_startup = per_image_and_startup(ours_s)

@@ -24,21 +24,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from speed_vs_official import OURS, cam_checkpoint, timed_process  # noqa: E402
+from speed_vs_official import OURS, cam_checkpoint, cam_export_command, timed_process  # noqa: E402
 
 from lit_wsss.datamodules.files import read_id_list  # noqa: E402
-
-
-def export_command(bench: Path, checkpoint: Path, id_file: Path, cams: Path, ir_labels: dict | None) -> list[str]:
-    command = [*OURS, "predict", "--config", "experiments/voc/_base.yaml", "--config", "experiments/methods/cam.yaml",
-               "--config", "experiments/stages/predict_cams.yaml", f"--ckpt_path={checkpoint}",
-               f"--data.init_args.root={bench}", f"--data.init_args.predict_list={id_file}",
-               "--data.init_args.num_workers=1", "--model.init_args.backbone=resnet50",
-               "--model.init_args.pretrained=null", f"--trainer.callbacks.init_args.out_dir={cams}",
-               "--trainer.enable_progress_bar=false"]
-    if ir_labels is not None:
-        command.append(f"--trainer.callbacks.init_args.ir_labels={json.dumps(ir_labels)}")
-    return command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         id_file = work / "ids.txt"
         id_file.write_text("\n".join(ids) + "\n")
         checkpoint = cam_checkpoint(bench, work)
-        export_s, _ = timed_process(export_command(bench, checkpoint, id_file, work / "cams", None), 1)
+        export_s, _ = timed_process(cam_export_command(bench, checkpoint, id_file, work / "cams"), 1)
         tool_s, _ = timed_process([*OURS, "ir-labels", "--cams", str(work / "cams"), "--root", str(bench), "--list",
                                    str(id_file), "--out", str(work / "ir_tool"), "--workers",
                                    str(args.tool_workers), "--no-progress"], 1)
         stream = {"out_dir": str(work / "ir_stream"), "workers": args.stream_workers}
-        stream_s, _ = timed_process(export_command(bench, checkpoint, id_file, work / "cams_stream", stream), 1)
+        stream_arg = f"--trainer.callbacks.init_args.ir_labels={json.dumps(stream)}"
+        stream_s, _ = timed_process(cam_export_command(bench, checkpoint, id_file, work / "cams_stream", stream_arg), 1)
         identical = all(np.array_equal(np.array(Image.open(work / "ir_tool" / f"{i}.png")),
                                        np.array(Image.open(work / "ir_stream" / f"{i}.png"))) for i in ids)
     print(f"{os.cpu_count()} CPUs; load average before {load_before:.2f}, after {os.getloadavg()[0]:.2f}; "

@@ -176,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ir-args: {error}")
     if args.stream_ir_labels and args.method == "gslm":
         parser.error("--stream-ir-labels: GSLM's CAMs come from its rounds (lit-wsss gslm), not from one export")
-    # the IR-label options as CAMWriter(ir_labels=...) takes them (the convention, unless given, is the method's)
-    stream_options = {"out_dir": str(out / "ir_labels"), "workers": args.workers,
-                      **{name: value for name, value in ir_options.items() if value is not None}}
     irn_args = configs(args.data, "irn", args.irn_config) + data_args + shlex.split(args.irn_args)
     cams, ir_label_dir, pseudo = out / "cams", out / "ir_labels", out / "pseudo_labels"
     rounds = 0  # GSLM's SLM rounds
@@ -253,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         stage("train CAM", lambda: checkpoints.update(cam=fit(cam_args, out / "cam")),
               lambda: {"checkpoint": str(checkpoints["cam"])})
+        # the IR-label options as CAMWriter(ir_labels=...) takes them (the convention, unless given, is the method's)
+        stream_options = {"out_dir": str(ir_label_dir), "workers": args.workers,
+                          **{name: value for name, value in ir_options.items() if value is not None}}
         stream = ([f"--trainer.callbacks.init_args.ir_labels={json.dumps(stream_options)}"]
                   if args.stream_ir_labels else [])
         stage("CAMs", lambda: export_cams(cam_args, checkpoints["cam"], args.list, cams, stream),

@@ -281,9 +281,8 @@ class CAMWriter(ResumableWriter):
         refusal = None  # as for the CAM folder: rank 0 holds the lock, every rank learns the outcome
         if trainer.is_global_zero:
             run = json.loads((self.out_dir / RUN_FILE).read_text())
-            root = Path(getattr(trainer.datamodule, "root", Path(next(iter(self._image_paths.values()))).parent))
             try:
-                self._stream.open(self.out_dir, run, root, self._all_ids, self.overwrite)
+                self._stream.open(self.out_dir, run, Path(trainer.datamodule.root), self._all_ids, self.overwrite)
             except (OSError, ValueError, RuntimeError) as error:
                 refusal = str(error)
         refusal = trainer.strategy.broadcast(refusal, src=0)

@@ -69,8 +69,10 @@ from lit_wsss.errors import ReportedError
 from lit_wsss.io import (
     IGNORE_INDEX,
     TMP_SUFFIX,
+    acquire_folder_lock,
     folder_lock,
     palette_png_bytes,
+    release_folder_lock,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -351,12 +353,6 @@ def _label_and_write(job: _Job, image_id: str, image_path: str | Path, keys: np.
     return image_id
 
 
-def _label_arrays(job: _Job, task: tuple[str, str, np.ndarray, np.ndarray, np.ndarray | None]) -> str:
-    """:class:`IRLabelStream`'s worker: ``task`` = (id, image path, keys, high_res, bg) held by the CAM writer."""
-    image_id, image_path, keys, high_res, bg = task
-    return _label_and_write(job, image_id, image_path, keys, high_res, bg, f"the CAMs of id {image_id!r}")
-
-
 def _init_worker() -> None:
     import cv2
 
@@ -592,7 +588,6 @@ class IRLabelStream:
         self._manifest: dict[str, Any] = {}
         self._all_ids: list[str] = []
         self._locked = False
-        self.written = 0
 
     @classmethod
     def from_options(cls, options: dict[str, Any], default_convention: str) -> IRLabelStream:
@@ -609,8 +604,6 @@ class IRLabelStream:
 
     def open(self, cams_dir: Path, run: dict[str, Any], root: Path, all_ids: Sequence[str], overwrite: bool) -> None:
         """Lock the folder, check and pin the parameters (``run``: the CAM export's ``run.json``)."""
-        from lit_wsss.io import acquire_folder_lock
-
         self._manifest = _stage_manifest(cams_dir, run, root, self.convention, self.params, self.crf_gaussian_compat)
         acquire_folder_lock(self.out_dir, STAGE)
         self._locked = True
@@ -623,18 +616,15 @@ class IRLabelStream:
                bg: np.ndarray | None = None) -> None:
         """Hand one image to the pool; first waits while :attr:`max_pending` images are in it."""
         while len(self._pending) >= self.max_pending:
-            self._collect(self._pending.pop(0))
-        task = (image_id, str(image_path), keys, high_res, bg)
-        self._pending.append(self._pool.apply_async(_label_arrays, (self._job, task)))
-
-    def _collect(self, result: Any) -> None:
-        result.get()  # re-raises the worker's error, which names the id and the image
-        self.written += 1
+            self._pending.pop(0).get()  # re-raises the worker's error, which names the id and the image
+        source = f"the CAMs of id {image_id!r}"
+        self._pending.append(self._pool.apply_async(
+            _label_and_write, (self._job, image_id, str(image_path), keys, high_res, bg, source)))
 
     def wait(self) -> None:
         """Every submitted image written (the first error raised); the pool is closed."""
         while self._pending:
-            self._collect(self._pending.pop(0))
+            self._pending.pop(0).get()
         if self._pool is not None:
             self._pool.close()
             self._pool.join()
@@ -643,8 +633,6 @@ class IRLabelStream:
     def close(self, cams_manifest: dict[str, Any], written: int) -> None:
         """The complete manifest (``cams_manifest``: the finished CAM folder's; ``written``: this export's images over
         every process); the folder's lock is released."""
-        from lit_wsss.io import release_folder_lock
-
         missing = [i for i in self._all_ids if not self.finished(i)]
         if missing:
             raise RuntimeError(f"{len(missing)} IR labels missing in {self.out_dir} after the export, e.g. {missing[:5]}")
@@ -656,8 +644,6 @@ class IRLabelStream:
 
     def stop(self) -> None:
         """After a failure: workers terminated, lock released (a rerun resumes)."""
-        from lit_wsss.io import release_folder_lock
-
         if self._pool is not None:
             self._pool.terminate()
             self._pool.join()
